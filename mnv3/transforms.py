@@ -74,7 +74,8 @@ def center_crop(img: Tensor, size: int | tuple[int, int]) -> Tensor:
     return img[..., top:top + th, left:left + tw]
 
 
-def normalize(img: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Tensor:
+def normalize(img: Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> Tensor:
     """(img - mean) / std per channel."""
     _check_image(img)
     m = torch.as_tensor(mean, dtype=img.dtype).reshape(-1, 1, 1)
