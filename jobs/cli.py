@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["synth", "demo"]
+SUBCOMMANDS = ["synth", "demo", "export_coco", "evaluate", "annotate", "finetune", "quantize", "benchmark"]
 
 
 def build_parser() -> argparse.ArgumentParser:

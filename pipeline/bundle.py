@@ -1,0 +1,452 @@
+"""The inference actor of the annotate job: every configured model, built once per actor.
+
+``InferenceBundle`` is the callable class given to Ray Data ``map_batches``. One decode
+feeds every task: each decoded image is preprocessed per task through ``mnv3.transforms``
+(classification preset, detector input, segmentation preset), images are grouped into
+model calls bounded by count *and* decoded bytes, and outputs are post-processed into
+schema-v1 row values: top-k labels with names; boxes in ORIGINAL image pixels even when
+the decode used a draft downscale; segmentation as one COCO RLE per present class at
+original size. A failing model call marks its rows ``inference_error`` instead of
+failing the job.
+
+Row contract (pyarrow tables in and out): the input has the schema-v1 identity columns
+(image_id, key, source_uri, shard, width, height, status, error) plus ``_pixels``
+(raw HWC uint8 RGB bytes, null when the row already failed), ``_pix_h``/``_pix_w`` (array
+size, which differs from width/height after a draft downscale). Every other column whose
+name starts with ``_`` is passed through unchanged (the run uses them for shard
+bookkeeping and timings). The output has every schema-v1 column, the pass-through
+columns and ``_model_s`` (this row's share of model time).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from mnv3 import transforms
+from pipeline.schema import OUTPUT_SCHEMA, STATUS_INFERENCE_ERROR, STATUS_OK
+
+PIXELS, PIX_H, PIX_W, MODEL_S = "_pixels", "_pix_h", "_pix_w", "_model_s"
+_INPUT_ONLY = (PIXELS, PIX_H, PIX_W)
+_BUILDER_MODULES = ("mnv3", "mnv3.mobilenetv3", "mnv3.detection", "mnv3.segmentation")
+# Above this many logit values, segmentation takes the argmax at model resolution and
+# upsamples the label map (nearest) instead of upsampling the logits (bounded memory).
+_MAX_UPSAMPLED_LOGITS = 64_000_000
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of the bundle, in plain values (built from the job config).
+
+    ``params`` holds the task's knobs: classify ``resize_size``, ``crop_size``, ``top_k``;
+    detect ``min_size``, ``max_size``, ``threshold``, ``top_k``; segment ``resize_size``,
+    ``min_area``, ``include_background``.
+    """
+
+    task: str  # "classify" | "detect" | "segment"
+    builder: str
+    weights: str | None = None
+    sha256: str | None = None
+    precision: str = "fp32"
+    labels: tuple[str, ...] = ()
+    num_classes: int | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def classes(self) -> int:
+        return int(self.num_classes or len(self.labels))
+
+    def input_side(self) -> int:
+        """Shorter side the model looks at (for draft decode): at least this many pixels are kept."""
+        p = self.params
+        if self.task == "detect":
+            return int(p.get("min_size") or (320 if "320" in self.builder else 800))
+        return int(p.get("resize_size") or 256)
+
+    def lineage(self) -> dict[str, Any]:
+        """What the Parquet metadata and run report record about this model."""
+        return {"task": self.task, "builder": self.builder, "weights": self.weights,
+                "weights_sha256": self.sha256, "precision": self.precision,
+                "quantization": _quantization_note(self) if self.precision == "int8" else None,
+                "num_classes": self.classes, "params": dict(self.params),
+                "random_weights": self.weights is None}
+
+
+def _quantization_note(spec: TaskSpec) -> str:
+    try:
+        from mnv3.quantization import choose_engine
+
+        engine = choose_engine()
+    except Exception:  # noqa: BLE001 - lineage must not fail on an engine probe
+        engine = "unknown"
+    how = ("QAT checkpoint or PTQ calibrated per actor on its first batch" if spec.task == "classify"
+           else "mnv3.quantization.quantize_for_inference")
+    return f"int8 ({engine} engine; {how})"
+
+
+def draft_size_for(specs: Sequence[TaskSpec]) -> int:
+    """The shorter side a draft decode must keep so that every task still gets full detail."""
+    return max(spec.input_side() for spec in specs)
+
+
+# --------------------------------------------------------------------------- building models
+
+
+def find_builder(name: str) -> Callable[..., torch.nn.Module]:
+    """The mnv3 builder function called ``name`` (classification, detection or segmentation)."""
+    for module in _BUILDER_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        fn = getattr(mod, name, None)
+        if callable(fn):
+            return fn
+    raise ValueError(f"model builder {name!r} is not available in this installation (looked in "
+                     f"{', '.join(_BUILDER_MODULES)}); check the tasks.*.builder setting")
+
+
+def _accepted(fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The subset of ``kwargs`` that ``fn`` accepts (all of them if it takes ``**kwargs``)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return {k: v for k, v in kwargs.items() if v is not None}
+    return {k: v for k, v in kwargs.items() if k in params and v is not None}
+
+
+def localize_weights(uri: str, sha256: str | None, storage_options: Mapping[str, Any] | None,
+                     cache_dir: str) -> str:
+    """Copy a remote weights file into ``cache_dir`` (keeping its name) and check its sha256.
+
+    Builders then load it from local disk with their own layout rules (e.g. FrozenBN for
+    detection weights). Registry names and local paths are returned unchanged.
+    """
+    from mnv3.weights import WeightsError, find_weights, read_bytes
+
+    if find_weights(uri) is not None or "://" not in uri or uri.startswith("file://"):
+        return uri
+    data, digest = read_bytes(uri, storage_options)
+    if sha256 and not digest.startswith(sha256.lower()):
+        raise WeightsError(f"sha256 mismatch for {uri}: expected {sha256}, got {digest}; the file changed "
+                           "since the run started or is not the configured one")
+    local = os.path.join(cache_dir, os.path.basename(uri.rstrip("/")) or "weights.pth")
+    with open(local, "wb") as f:
+        f.write(data)
+    return local
+
+
+def weights_sha256(uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """sha256 of a weights file, for lineage (and to check the file exists before any work).
+
+    A registry name whose file is not cached locally is not downloaded here: its published
+    sha256 prefix is returned (the loader checks it on every actor).
+    """
+    from mnv3.weights import find_weights, read_bytes, resolve
+
+    entry = find_weights(uri)
+    resolved, _ = resolve(uri)
+    if entry is not None and resolved.startswith(("http://", "https://")):
+        return entry.sha256_prefix
+    return read_bytes(resolved, storage_options if "://" in resolved else None)[1]
+
+
+def build_model(spec: TaskSpec, storage_options: Mapping[str, Any] | None = None,
+                cache_dir: str | None = None, seed: int = 0) -> torch.nn.Module:
+    """Build one task's model in eval mode, with its weights (or seeded random weights)."""
+    fn = find_builder(spec.builder)
+    kwargs: dict[str, Any] = {"num_classes": spec.classes}
+    p = spec.params
+    if spec.task == "detect":
+        kwargs.update(min_size=p.get("min_size"), max_size=p.get("max_size"),
+                      box_score_thresh=p.get("threshold"), box_detections_per_img=p.get("top_k"))
+    if spec.weights:
+        local = localize_weights(spec.weights, spec.sha256, storage_options,
+                                 cache_dir or tempfile.mkdtemp(prefix="mnv3-weights-"))
+        kwargs["weights"] = local
+    else:
+        torch.manual_seed(seed)  # every actor builds the same random model
+    if spec.precision == "int8":
+        return build_int8(spec, kwargs)
+    model = fn(**_accepted(fn, kwargs))
+    model.eval()
+    return model
+
+
+def _is_qat_checkpoint(weights: str) -> bool:
+    from mnv3.weights import read_state_dict, resolve
+
+    uri, _ = resolve(weights)
+    sd, _ = read_state_dict(uri)
+    return any(".activation_post_process." in k or ".weight_fake_quant." in k for k in sd)
+
+
+def build_int8(spec: TaskSpec, kwargs: Mapping[str, Any]) -> torch.nn.Module:
+    """The int8 model of a task, from ``mnv3.quantization``.
+
+    Classification: a QAT checkpoint (e.g. the official quantized Large) is converted as it
+    loads; float (or no) weights get post-training quantization: the model is returned
+    prepared (observers attached, ``needs_calibration = True``) and the bundle calibrates it
+    on the first batch of images it sees, then converts it. Detection and segmentation use
+    ``mnv3.quantization.quantize_for_inference(model, task=...)`` when that hook exists.
+    """
+    quant = importlib.import_module("mnv3.quantization")
+    if spec.task == "classify":
+        builder = getattr(quant, spec.builder)
+        weights = kwargs.get("weights")
+        qat = bool(weights) and _is_qat_checkpoint(weights)
+        model = builder(**_accepted(builder, {**kwargs, "quantize": qat}))
+        model.eval()
+        if not qat:
+            quant.prepare_ptq(model)
+            model.needs_calibration = True
+        return model
+    hook = getattr(quant, "quantize_for_inference", None)
+    if hook is None:
+        raise NotImplementedError(
+            f"tasks.{spec.task}.precision = int8 needs mnv3.quantization.quantize_for_inference, which this "
+            "installation lacks; use fp32 or bf16 for this task")
+    fn = find_builder(spec.builder)
+    model = fn(**_accepted(fn, kwargs))
+    model.eval()
+    return hook(model, task=spec.task)
+
+
+# --------------------------------------------------------------------------- per-task runners
+
+
+class _TaskRunner:
+    """Preprocess, run and post-process one task on a group of decoded images."""
+
+    def __init__(self, spec: TaskSpec, model: torch.nn.Module):
+        self.spec = spec
+        self.model = model
+        self.bf16 = spec.precision == "bf16"
+        if self.bf16 and spec.task == "classify":
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def _forward(self, x: Any) -> Any:
+        if getattr(self.model, "needs_calibration", False):
+            quant = importlib.import_module("mnv3.quantization")
+            quant.calibrate(self.model, [x])  # int8 PTQ: ranges from this actor's first batch
+            quant.convert(self.model)
+            self.model.needs_calibration = False
+        with torch.inference_mode():
+            if self.bf16:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return self.model(x)
+            return self.model(x)
+
+
+class _Classify(_TaskRunner):
+    def run(self, images: list[torch.Tensor], sizes: list[tuple[int, int, int, int]]) -> list[dict]:
+        p = self.spec.params
+        preset = transforms.ClassificationPreset(crop_size=int(p.get("crop_size", 224)),
+                                                 resize_size=int(p.get("resize_size", 256)))
+        x = torch.stack([preset(img) for img in images])
+        if self.bf16:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = self._forward(x).float()
+        probs = logits.softmax(dim=1)
+        k = min(int(p.get("top_k", 5)), probs.shape[1])
+        scores, ids = probs.topk(k, dim=1)
+        labels = self.spec.labels
+        out = []
+        for s, i in zip(scores.tolist(), ids.tolist()):
+            out.append({"cls_label_ids": i, "cls_scores": s,
+                        "cls_labels": [labels[j] if j < len(labels) else str(j) for j in i]})
+        return out
+
+
+class _Detect(_TaskRunner):
+    def run(self, images: list[torch.Tensor], sizes: list[tuple[int, int, int, int]]) -> list[dict]:
+        p = self.spec.params
+        threshold = float(p.get("threshold", 0.0))
+        top_k = int(p.get("top_k", 100))
+        results = self._forward(images)
+        labels = self.spec.labels
+        out = []
+        for res, (width, height, ah, aw) in zip(results, sizes):
+            boxes = res["boxes"].float()
+            scores = res["scores"].float()
+            ids = res["labels"]
+            keep = scores >= threshold
+            boxes, scores, ids = boxes[keep], scores[keep], ids[keep]
+            order = scores.argsort(descending=True)[:top_k]
+            boxes, scores, ids = boxes[order], scores[order], ids[order]
+            # array pixels -> original pixels (exact per axis, since draft rounds sides up)
+            scale = torch.tensor([width / aw, height / ah, width / aw, height / ah], dtype=torch.float32)
+            boxes = boxes * scale
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+            id_list = ids.tolist()
+            out.append({"det_boxes": boxes.tolist(), "det_scores": scores.tolist(), "det_label_ids": id_list,
+                        "det_labels": [labels[j] if j < len(labels) else str(j) for j in id_list]})
+        return out
+
+
+class _Segment(_TaskRunner):
+    def run(self, images: list[torch.Tensor], sizes: list[tuple[int, int, int, int]]) -> list[dict]:
+        p = self.spec.params
+        preset = transforms.SegmentationPreset(resize_size=int(p.get("resize_size", 520)))
+        prepared = [preset(img) for img in images]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, t in enumerate(prepared):
+            by_shape.setdefault(tuple(t.shape), []).append(i)
+        out: list[dict] = [{} for _ in images]
+        for indices in by_shape.values():
+            logits = self._forward(torch.stack([prepared[i] for i in indices]))["out"].float()
+            for row, i in enumerate(indices):
+                width, height = sizes[i][0], sizes[i][1]
+                label_map = _label_map(logits[row], height, width)
+                out[i] = {"seg_masks": masks_from_label_map(
+                    label_map, self.spec.labels, min_area=int(p.get("min_area", 0)),
+                    include_background=bool(p.get("include_background", False)))}
+        return out
+
+
+def _label_map(logits: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """(C, h, w) logits -> (height, width) int label map at original size, memory-bounded."""
+    if logits.shape[0] * height * width <= _MAX_UPSAMPLED_LOGITS:
+        up = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        return up.argmax(0).to(torch.int32).numpy()
+    small = logits.argmax(0).to(torch.float32)[None, None]
+    return F.interpolate(small, size=(height, width), mode="nearest")[0, 0].to(torch.int32).numpy()
+
+
+def masks_from_label_map(label_map: np.ndarray, labels: Sequence[str], *, min_area: int = 0,
+                         include_background: bool = False) -> list[dict]:
+    """Per-class COCO RLE masks (schema v1 ``seg_masks`` entries) of a label map.
+
+    Uses ``pipeline.masks`` when it provides ``label_map_to_rles``; otherwise encodes with
+    pycocotools directly (same output format).
+    """
+    try:
+        from pipeline import masks as _masks
+
+        encode = _masks.label_map_to_rles
+    except (ImportError, AttributeError):
+        encode = None
+    if encode is not None:
+        return encode(label_map, labels, min_area=min_area, include_background=include_background)
+    from pycocotools import mask as mask_utils
+
+    out = []
+    ids, counts = np.unique(label_map, return_counts=True)
+    for label_id, area in zip(ids.tolist(), counts.tolist()):
+        if (label_id == 0 and not include_background) or area < max(min_area, 1):
+            continue
+        rle = mask_utils.encode(np.asfortranarray(label_map == label_id, dtype=np.uint8))
+        out.append({"label_id": int(label_id),
+                    "label": labels[label_id] if label_id < len(labels) else str(label_id),
+                    "size": [int(rle["size"][0]), int(rle["size"][1])],
+                    "counts": rle["counts"].decode("ascii"), "area": int(area)})
+    return out
+
+
+_RUNNERS = {"classify": _Classify, "detect": _Detect, "segment": _Segment}
+_TASK_COLUMNS = {
+    "classify": ("cls_label_ids", "cls_labels", "cls_scores"),
+    "detect": ("det_boxes", "det_label_ids", "det_labels", "det_scores"),
+    "segment": ("seg_masks",),
+}
+
+
+# --------------------------------------------------------------------------- the actor
+
+
+def output_schema(input_schema: pa.Schema) -> pa.Schema:
+    """Schema-v1 columns (nullable, the run drops its marker rows later) + pass-through + ``_model_s``."""
+    fields = [f.with_nullable(True) for f in OUTPUT_SCHEMA]
+    names = set(OUTPUT_SCHEMA.names)
+    for f in input_schema:
+        if f.name.startswith("_") and f.name not in _INPUT_ONLY and f.name != MODEL_S and f.name not in names:
+            fields.append(f)
+    fields.append(pa.field(MODEL_S, pa.float64()))
+    return pa.schema(fields)
+
+
+class InferenceBundle:
+    """Ray Data actor: builds the models once, then annotates batches of decoded images."""
+
+    def __init__(self, tasks: Sequence[TaskSpec], *, num_threads: int = 1, max_images: int = 16,
+                 max_decoded_bytes: int = 64 << 20, storage_options: Mapping[str, Any] | None = None,
+                 seed: int = 0):
+        if not tasks:
+            raise ValueError("the inference bundle needs at least one task")
+        torch.set_num_threads(max(1, int(num_threads)))
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set in this worker process
+            pass
+        self.max_images = max(1, int(max_images))
+        self.max_decoded_bytes = max(1, int(max_decoded_bytes))
+        self.specs = list(tasks)
+        cache_dir = tempfile.mkdtemp(prefix="mnv3-weights-")
+        self.runners = [_RUNNERS[s.task](s, build_model(s, storage_options, cache_dir, seed))
+                        for s in self.specs]
+
+    def groups(self, indices: Sequence[int], nbytes: Sequence[int]) -> list[list[int]]:
+        """Split row indices into model calls of at most ``max_images`` rows and ``max_decoded_bytes``."""
+        out: list[list[int]] = []
+        current: list[int] = []
+        size = 0
+        for i in indices:
+            if current and (len(current) >= self.max_images or size + nbytes[i] > self.max_decoded_bytes):
+                out.append(current)
+                current, size = [], 0
+            current.append(i)
+            size += nbytes[i]
+        if current:
+            out.append(current)
+        return out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        cols = {name: batch.column(name).to_pylist() for name in batch.column_names if name != PIXELS}
+        pixels = batch.column(PIXELS).to_pylist() if PIXELS in batch.column_names else [None] * n
+        status, error = cols["status"], cols["error"]
+        results: dict[str, list[Any]] = {c: [None] * n for cs in _TASK_COLUMNS.values() for c in cs}
+        model_s = [0.0] * n
+        todo = [i for i in range(n) if status[i] == STATUS_OK and pixels[i] is not None]
+        nbytes = [len(p) if p is not None else 0 for p in pixels]
+        for group in self.groups(todo, nbytes):
+            images, sizes = [], []
+            for i in group:
+                h, w = int(cols[PIX_H][i]), int(cols[PIX_W][i])
+                arr = np.frombuffer(pixels[i], dtype=np.uint8).reshape(h, w, 3).copy()
+                images.append(transforms.to_tensor(arr))
+                sizes.append((int(cols["width"][i]), int(cols["height"][i]), h, w))
+            start = time.perf_counter()
+            for runner in self.runners:
+                try:
+                    values = runner.run(images, sizes)
+                except Exception as exc:  # noqa: BLE001 - one failed model call must not fail the job
+                    spec = runner.spec
+                    message = f"{spec.task} ({spec.builder}) failed: {type(exc).__name__}: {exc}"
+                    for i in group:
+                        status[i] = STATUS_INFERENCE_ERROR
+                        error[i] = message if error[i] is None else f"{error[i]}; {message}"
+                    continue
+                for i, value in zip(group, values):
+                    for col, v in value.items():
+                        results[col][i] = v
+            share = (time.perf_counter() - start) / len(group)
+            for i in group:
+                model_s[i] = share
+        cols.update(results)
+        cols[MODEL_S] = model_s
+        for name in _INPUT_ONLY:
+            cols.pop(name, None)
+        schema = output_schema(batch.schema)
+        return pa.table({f.name: cols.get(f.name, [None] * n) for f in schema}, schema=schema)

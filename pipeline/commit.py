@@ -1,0 +1,224 @@
+"""Per-shard output commit and run state: the exactly-once half of the annotate job.
+
+Layout under the output URL::
+
+    part-<shard_id>.parquet      one file per shard, deterministic name, written atomically
+    _manifest/<shard_id>.json    one small record per processed shard, written AFTER its file
+    _runs/<run_id>.json          one report per run
+
+A shard is done when its manifest record exists; the record is written only after the
+Parquet file is complete, so a crash between the two re-processes that shard and
+overwrites the same file name (no duplicates, no gaps). Records are independent objects
+(no read-modify-write of a shared file), so concurrent writers and object stores without
+appends are fine. Readers that open the output directory with pyarrow/pandas/DuckDB see
+only ``part-*.parquet``: names starting with ``_`` or ``.`` are ignored by convention.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.schema import STATUS_OK, make_table
+
+MANIFEST_DIR = "_manifest"
+RUNS_DIR = "_runs"
+PART_PREFIX = "part-"
+COMMITTED = "committed"
+FAILED = "failed"
+TOP_ERRORS = 5
+
+
+def part_name(shard_id: str) -> str:
+    """The output file name of a shard (deterministic: same shard, same name, every run)."""
+    if not shard_id or "/" in shard_id or shard_id.startswith("."):
+        raise ValueError(f"shard id {shard_id!r} cannot be used in a file name")
+    return f"{PART_PREFIX}{shard_id}.parquet"
+
+
+def top_errors(errors: Iterable[str | None], n: int = TOP_ERRORS) -> list[list[Any]]:
+    """The ``n`` most frequent error messages as [message, count] (messages cut to 200 chars)."""
+    counts = Counter(e[:200] for e in errors if e)
+    return [[msg, count] for msg, count in counts.most_common(n)]
+
+
+@dataclass
+class ShardRecord:
+    """The manifest record of one processed shard."""
+
+    shard_id: str
+    status: str  # COMMITTED | FAILED
+    file: str | None = None  # part file name relative to the output, None for a failed shard
+    rows: int = 0
+    ok_rows: int = 0
+    failed_rows: int = 0
+    error: str | None = None  # why the whole shard failed (ShardReadError), else None
+    top_errors: list = field(default_factory=list)
+    stats: dict = field(default_factory=dict)  # images, decode_s, model_s, write_s, images_per_s, ...
+    run_id: str | None = None
+    committed_at: float | None = None
+    config_fingerprint: str | None = None
+    inputs: list = field(default_factory=list)
+    spec_fingerprint: str | None = None  # the shard's content list when committed (ShardSpec.fingerprint)
+
+    @property
+    def needs_retry(self) -> bool:
+        """True for a failed shard or a committed one with failed rows (``--retry-failed``)."""
+        return self.status == FAILED or self.failed_rows > 0
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ShardRecord:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class OutputStore:
+    """The output location: committed shards, manifest records and run reports."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
+        self.url = url
+        try:
+            self.fs, self.root = storage.open_fs(url, storage_options)
+        except (OSError, ValueError, ImportError) as e:
+            raise ValueError(f"output {url!r} cannot be opened: {type(e).__name__}: {e}") from e
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
+
+    # ---------------------------------------------------------------- reading state
+
+    def _list(self, sub: str, suffix: str) -> list[str]:
+        self.fs.invalidate_cache()
+        directory = self.path(sub) if sub else self.root
+        try:
+            names = self.fs.ls(directory, detail=False)
+        except FileNotFoundError:
+            return []
+        base = [n.rstrip("/").rsplit("/", 1)[-1] for n in names]
+        return sorted(b for b in base if b.endswith(suffix) and not b.startswith("."))
+
+    def committed_ids(self) -> set[str]:
+        """Shard ids that have a manifest record (committed or failed): one listing, no reads."""
+        return {name[: -len(".json")] for name in self._list(MANIFEST_DIR, ".json")}
+
+    def records(self, shard_ids: Iterable[str] | None = None) -> dict[str, ShardRecord]:
+        """Manifest records (all, or those of ``shard_ids``), fetched in one batched call."""
+        ids = sorted(self.committed_ids() if shard_ids is None else set(shard_ids) & self.committed_ids())
+        if not ids:
+            return {}
+        paths = {self.path(MANIFEST_DIR, f"{sid}.json"): sid for sid in ids}
+        blobs = self.fs.cat(list(paths))
+        if not isinstance(blobs, dict):  # a single path returns bytes
+            blobs = {next(iter(paths)): blobs}
+        out = {}
+        for path, blob in blobs.items():
+            sid = paths.get(path) or paths.get(self.fs._strip_protocol(path)) or path.rsplit("/", 1)[-1][:-5]
+            out[sid] = ShardRecord.from_json(json.loads(blob))
+        return out
+
+    def part_files(self) -> list[str]:
+        return [n for n in self._list("", ".parquet") if n.startswith(PART_PREFIX)]
+
+    # ---------------------------------------------------------------- writing
+
+    def commit_shard(self, shard_id: str, rows: Sequence[Mapping[str, Any]], lineage: Mapping[str, Any],
+                     stats: Mapping[str, Any], *, run_id: str, fingerprint: str | None = None,
+                     inputs: Sequence[str] = (), spec_fingerprint: str | None = None) -> ShardRecord:
+        """Write the shard's Parquet atomically, then its manifest record. Returns the record."""
+        start = time.perf_counter()
+        rows = sorted(rows, key=lambda r: r["key"])
+        table = make_table(rows, {**lineage, "shard": shard_id})
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        name = part_name(shard_id)
+        storage.write_bytes_atomic(self.fs, self.path(name), buf.getvalue())
+        write_s = time.perf_counter() - start
+        failed = [r for r in rows if r["status"] != STATUS_OK]
+        record = ShardRecord(
+            shard_id=shard_id, status=COMMITTED, file=name, rows=len(rows), ok_rows=len(rows) - len(failed),
+            failed_rows=len(failed),
+            top_errors=top_errors(f"{r['status']}: {r.get('error')}" for r in failed),
+            stats={**stats, "write_s": round(write_s, 4), "bytes": buf.tell()}, run_id=run_id,
+            committed_at=time.time(), config_fingerprint=fingerprint, inputs=list(inputs),
+            spec_fingerprint=spec_fingerprint)
+        self._write_record(record)
+        return record
+
+    def record_failed(self, shard_id: str, error: str, stats: Mapping[str, Any], *, run_id: str,
+                      fingerprint: str | None = None, inputs: Sequence[str] = (),
+                      spec_fingerprint: str | None = None) -> ShardRecord:
+        """Record a shard that could not be read at all (no Parquet file is written)."""
+        record = ShardRecord(shard_id=shard_id, status=FAILED, error=error, stats=dict(stats), run_id=run_id,
+                             committed_at=time.time(), config_fingerprint=fingerprint, inputs=list(inputs),
+                             top_errors=top_errors([error]), spec_fingerprint=spec_fingerprint)
+        self._write_record(record)
+        return record
+
+    def _write_record(self, record: ShardRecord) -> None:
+        data = json.dumps(asdict(record), sort_keys=True, default=str).encode()
+        storage.write_bytes_atomic(self.fs, self.path(MANIFEST_DIR, f"{record.shard_id}.json"), data)
+
+    def reset(self) -> dict[str, int]:
+        """``--overwrite``: forget every committed shard, records first, then part files.
+
+        Only files this job owns are removed (``_manifest/*.json`` and ``part-*.parquet``);
+        anything else under the output is left alone. Records go first so that a crash in the
+        middle leaves "not committed" shards (re-done by the next run), never a record
+        pointing at a removed file.
+        """
+        records = [self.path(MANIFEST_DIR, n) for n in self._list(MANIFEST_DIR, ".json")]
+        parts = [self.path(n) for n in self.part_files()]
+        for path in records + parts:
+            self.fs.rm_file(path)
+        self.fs.invalidate_cache()
+        return {"records": len(records), "parts": len(parts)}
+
+    def write_report(self, run_id: str, report: Mapping[str, Any]) -> str:
+        """Write the run report JSON to ``_runs/<run_id>.json``; returns its URL."""
+        data = json.dumps(report, indent=2, sort_keys=True, default=str).encode()
+        storage.write_bytes_atomic(self.fs, self.path(RUNS_DIR, f"{run_id}.json"), data)
+        return storage.join(self.url, RUNS_DIR, f"{run_id}.json")
+
+
+@dataclass
+class Selection:
+    """Which shards a run processes and why the others are skipped."""
+
+    pending: list  # ShardSpec-like objects (with .shard_id), in input order
+    skipped_committed: int = 0
+    retried: int = 0
+    changed: int = 0
+    reset: dict | None = None
+
+
+def _fingerprint(spec: Any) -> str | None:
+    fingerprint = getattr(spec, "fingerprint", None)
+    return fingerprint() if callable(fingerprint) else None
+
+
+def select_shards(specs: Sequence[Any], store: OutputStore, *, overwrite: bool = False,
+                  retry_failed: bool = False) -> Selection:
+    """Resume logic. Default: shards without a manifest record, plus committed shards whose
+    content list changed since (a grouped prefix that gained files: same id, new fingerprint).
+    ``retry_failed``: also shards whose record is failed or has failed rows. ``overwrite``:
+    reset, then all shards.
+    """
+    if overwrite:
+        return Selection(pending=list(specs), reset=store.reset())
+    done = store.committed_ids() & {s.shard_id for s in specs}
+    records = store.records(done) if done else {}
+    changed = {s.shard_id for s in specs if s.shard_id in records and records[s.shard_id].spec_fingerprint
+               and _fingerprint(s) and records[s.shard_id].spec_fingerprint != _fingerprint(s)}
+    retry = {sid for sid, rec in records.items() if rec.needs_retry} - changed if retry_failed else set()
+    redo = changed | retry
+    pending = [s for s in specs if s.shard_id not in done or s.shard_id in redo]
+    return Selection(pending=pending, skipped_committed=len(done - redo), retried=len(retry),
+                     changed=len(changed))

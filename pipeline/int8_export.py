@@ -1,0 +1,142 @@
+"""Make an int8 model artifact: calibrate on the user's images, gate against fp32, save.
+
+Reads images from any URL the annotate job reads (tar shards such as the synthetic
+dataset, image prefixes, Parquet, manifests), splits them into a calibration sample and a
+disjoint held-out sample, quantizes a copy of the fp32 model (post-training static
+quantization), measures the accuracy gate on the held-out images, and only if it passes
+writes the artifact atomically. The artifact metadata records what was done.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from mnv3 import transforms
+from mnv3.quantization.artifact import save_int8_artifact
+from mnv3.quantization.engine import choose_engine
+from mnv3.quantization.ptq import calibrate, convert, prepare_ptq
+from mnv3.quantization.registry import build_quantizable, task_of
+from pipeline.decode import DecodeError, decode_image
+from pipeline.quality_gate import enforce, evaluate_gate
+from pipeline.sources import list_shards, read_shard
+from pipeline.storage import open_fs, write_bytes_atomic
+
+TASK_ALIASES = {"classify": "classification", "detect": "detection", "segment": "segmentation"}
+
+
+@dataclass
+class QuantizeRequest:
+    """Everything ``quantize_to_artifact`` needs, in plain values (built by the CLI)."""
+
+    builder: str
+    calibration_url: str
+    output_url: str
+    task: str | None = None
+    weights: str | None = None
+    builder_kwargs: dict[str, Any] = field(default_factory=dict)
+    backend: str | None = None
+    engine: str | None = None
+    calib_images: int = 32
+    holdout_images: int = 32
+    max_drop: float | None = None
+    resize_size: int | None = None  # classification resize / segmentation shorter side
+    storage_options: Mapping[str, Any] | None = None
+
+
+def load_images(url: str, limit: int, storage_options: Mapping[str, Any] | None = None,
+                draft_size: int | None = None) -> list[np.ndarray]:
+    """Up to ``limit`` decoded RGB uint8 images from ``url``, in listing order; bad images skipped."""
+    out: list[np.ndarray] = []
+    for spec in list_shards(url, storage_options=dict(storage_options or {})):
+        for member in read_shard(spec, storage_options=dict(storage_options or {})):
+            if member.data is None:
+                continue
+            try:
+                out.append(decode_image(member.data, draft_size=draft_size).array)
+            except DecodeError:
+                continue
+            if len(out) >= limit:
+                return out
+    return out
+
+
+def _preprocess(task: str, arrays: list[np.ndarray], weights: str | None,
+                resize_size: int | None) -> list[Any]:
+    """One model input per image: NCHW (1 image) for classification/segmentation, CHW for detection."""
+    tensors = [transforms.to_tensor(a) for a in arrays]
+    if task == "detection":
+        return tensors
+    if task == "segmentation":
+        preset = transforms.SegmentationPreset(resize_size=resize_size or 520)
+        return [preset(t).unsqueeze(0) for t in tensors]
+    preset = transforms.ClassificationPreset()
+    if weights is not None:
+        from mnv3.weights import find_weights
+
+        entry = find_weights(weights)
+        if entry is not None and entry.preprocessing.preset == "classification":
+            preset = entry.preprocessing.make()
+    if resize_size:
+        preset = transforms.ClassificationPreset(crop_size=preset.crop_size, resize_size=resize_size)
+    return [preset(t).unsqueeze(0) for t in tensors]
+
+
+def _batches(task: str, inputs: list[Any], size: int) -> Iterator[Any]:
+    for i in range(0, len(inputs), size):
+        chunk = inputs[i:i + size]
+        yield chunk if task == "detection" else torch.cat(chunk)
+
+
+def quantize_to_artifact(req: QuantizeRequest, log=print) -> dict[str, Any]:
+    """Calibrate, gate and save; returns the artifact metadata. Raises ``QualityGateError`` on refusal."""
+    task = TASK_ALIASES.get(req.task or "", req.task) or task_of(req.builder)
+    if task != task_of(req.builder):
+        raise ValueError(f"builder {req.builder!r} is a {task_of(req.builder)} model, not {task}")
+    if req.calib_images < 1 or req.holdout_images < 1:
+        raise ValueError("--calib-images and --holdout-images must both be >= 1")
+    backend = req.backend or choose_engine(req.engine)
+    engine = choose_engine(req.engine)
+    t0 = time.perf_counter()
+    arrays = load_images(req.calibration_url, req.calib_images + req.holdout_images, req.storage_options)
+    if len(arrays) < 2:
+        raise ValueError(f"found {len(arrays)} readable images in {req.calibration_url}; need at least 2 "
+                         "(calibration + held-out)")
+    n_cal = min(req.calib_images, max(1, len(arrays) // 2)) if len(arrays) < req.calib_images + \
+        req.holdout_images else req.calib_images
+    inputs = _preprocess(task, arrays, req.weights, req.resize_size)
+    cal_inputs, held_inputs = inputs[:n_cal], inputs[n_cal:]
+    log(f"quantize: {len(arrays)} images from {req.calibration_url} -> {len(cal_inputs)} calibration, "
+        f"{len(held_inputs)} held-out")
+
+    fp32 = build_quantizable(req.builder, weights=req.weights, **req.builder_kwargs).eval()
+    int8 = prepare_ptq(copy.deepcopy(fp32), backend)
+    batch = 2 if task == "detection" else (8 if task == "classification" else 1)
+    seen = calibrate(int8, _batches(task, cal_inputs, batch))
+    convert(int8, engine)
+    gate = evaluate_gate(task, fp32, int8, _batches(task, held_inputs, batch), req.max_drop)
+    log(f"quantize: accuracy gate: {gate.summary()}")
+    metadata = {
+        "task": task, "builder": req.builder, "builder_kwargs": dict(req.builder_kwargs),
+        "backend": backend, "engine": engine, "mode": "ptq",
+        "source_weights": req.weights,
+        "preprocessing": {"resize_size": req.resize_size},
+        "calibration": {"url": req.calibration_url, "images": seen, "holdout_images": gate.images},
+        "gate": gate.to_dict(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    enforce(gate, req.builder)
+    buf = io.BytesIO()
+    save_int8_artifact(buf, int8, metadata)
+    fs, path = open_fs(req.output_url, req.storage_options)
+    write_bytes_atomic(fs, path, buf.getvalue())
+    log(f"quantize: wrote {req.output_url} ({len(buf.getvalue()) / 1e6:.1f} MB)")
+    return metadata

@@ -1,0 +1,477 @@
+"""The annotate job's Ray Data plan, run on the driver: shards in, committed Parquet out.
+
+Plan (one direction)::
+
+    pending ShardSpecs (from_items, one block per shard)
+      -> read_and_decode   Ray tasks, fractional CPUs: read the shard's members, decode each
+                           image with its own try/except (status/error per row), emit rows in
+                           blocks bounded by image count and decoded bytes, then one END
+                           marker row carrying the shard's member count (or its read error)
+      -> InferenceBundle   actor pool ActorPoolStrategy(min_size=1, max_size=k), k and the
+                           actor CPUs computed from the cluster so a read task always fits
+      -> iter_batches      on the driver: rows grouped per shard; a shard is committed
+                           (pipeline.commit) the moment its END marker and all its rows are in
+
+Only complete shards are committed, so a killed driver loses at most the shards in
+flight. ``DataContext.execution_no_progress_timeout_s`` is set from the config so a stall
+becomes an error naming the stuck operator (``MapBatches(read_and_decode)`` or
+``MapBatches(InferenceBundle)``). Progress lines go to stderr; a run report JSON goes to
+``<output>/_runs/<run_id>.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import pickle
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import pyarrow as pa
+
+from pipeline.bundle import InferenceBundle, TaskSpec, draft_size_for
+from pipeline.commit import COMMITTED, OutputStore, ShardRecord, select_shards, top_errors
+from pipeline.schema import SCHEMA_VERSION, STATUS_DECODE_ERROR, STATUS_OK, STATUS_READ_ERROR
+
+END, TOTAL, SHARD_ERROR, DECODE_S = "_end", "_shard_total", "_shard_error", "_decode_s"
+
+# Rows between the read stage and the bundle (schema-v1 identity columns + internal ones).
+STREAM_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("key", pa.string()), ("source_uri", pa.string()), ("shard", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()), ("status", pa.string()), ("error", pa.string()),
+    ("_pixels", pa.binary()), ("_pix_h", pa.int32()), ("_pix_w", pa.int32()),
+    (DECODE_S, pa.float64()), (END, pa.bool_()), (TOTAL, pa.int64()), (SHARD_ERROR, pa.string()),
+])
+
+
+class RunError(RuntimeError):
+    """The run stopped before finishing (stall, cluster problem); the message says where and why."""
+
+
+# --------------------------------------------------------------------------- job + sizing
+
+
+@dataclass
+class AnnotateJob:
+    """Everything one annotate run needs, as plain values (built by jobs.annotate from the config)."""
+
+    input: str
+    output: str
+    tasks: list[TaskSpec]
+    input_options: dict = field(default_factory=dict)
+    output_options: dict = field(default_factory=dict)
+    weights_options: dict = field(default_factory=dict)
+    manifest: str | None = None
+    image_column: str | None = None
+    key_column: str | None = None
+    images_per_shard: int = 256
+    max_images: int | None = None
+    max_pixels: int = 89_478_485
+    draft_decode: bool = True
+    batch_max_images: int = 16
+    batch_max_decoded_bytes: int = 64 << 20
+    actor_num_cpus: float | None = None
+    max_actors: int | None = None
+    read_num_cpus: float = 0.25
+    max_read_tasks: int | None = None
+    no_progress_timeout_s: float = 600.0
+    progress_interval_s: float = 5.0
+    ray_progress_bars: bool = False
+    seed: int = 0
+    overwrite: bool = False
+    retry_failed: bool = False
+    config: dict = field(default_factory=dict)  # redacted config, for the report
+    run_id: str | None = None
+
+
+@dataclass
+class PoolPlan:
+    """How the cluster's CPUs are split between the actor pool and read tasks."""
+
+    cluster_cpus: float
+    actor_cpus: float
+    max_actors: int
+    threads: int
+    read_cpus: float
+    max_read_tasks: int
+    notes: list = field(default_factory=list)
+
+
+def plan_pool(cluster_cpus: float, *, actor_cpus: float | None = None, max_actors: int | None = None,
+              read_cpus: float = 0.25, max_read_tasks: int | None = None,
+              largest_node_cpus: float | None = None) -> PoolPlan:
+    """Size the actor pool so that ``max_actors * actor_cpus + read_cpus <= cluster_cpus``.
+
+    Ray Data starts actors before read tasks; a pool holding every CPU would leave the reads
+    pending forever. Defaults: 1 CPU per actor (less on a 1-CPU cluster), as many actors as
+    fit next to one read task. Torch threads per actor = floor(actor CPUs), at least 1.
+    """
+    notes = []
+    if cluster_cpus <= read_cpus:
+        raise RunError(f"the Ray cluster has {cluster_cpus} CPUs, not more than the {read_cpus} one read "
+                       "task needs; start Ray with more CPUs or lower actors.read_num_cpus")
+    room = cluster_cpus - read_cpus
+    node_cap = largest_node_cpus if largest_node_cpus else cluster_cpus
+    a = actor_cpus if actor_cpus else min(1.0, room, node_cap)
+    if a > room or a > node_cap:
+        fit = min(room, node_cap)
+        notes.append(f"actors.num_cpus={a} does not fit (cluster {cluster_cpus} CPUs, largest node "
+                     f"{node_cap}, {read_cpus} kept for reads); using {fit:g}")
+        a = fit
+    fit_count = max(1, math.floor(room / a + 1e-9))
+    k = min(max_actors, fit_count) if max_actors else fit_count
+    if max_actors and max_actors > fit_count:
+        notes.append(f"actors.max_actors={max_actors} would starve the read tasks; using {fit_count}")
+    reads = max_read_tasks or max(1, math.ceil(cluster_cpus))
+    return PoolPlan(cluster_cpus=cluster_cpus, actor_cpus=round(a, 4), max_actors=k,
+                    threads=max(1, math.floor(a + 1e-9)), read_cpus=read_cpus, max_read_tasks=reads,
+                    notes=notes)
+
+
+def cluster_plan(job: AnnotateJob) -> PoolPlan:
+    """``plan_pool`` from the connected Ray cluster's resources."""
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    largest = max((float(n.get("Resources", {}).get("CPU", 0.0)) for n in nodes), default=cpus)
+    return plan_pool(cpus, actor_cpus=job.actor_num_cpus, max_actors=job.max_actors,
+                     read_cpus=job.read_num_cpus, max_read_tasks=job.max_read_tasks,
+                     largest_node_cpus=largest or None)
+
+
+# --------------------------------------------------------------------------- read + decode stage
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=STREAM_SCHEMA)
+
+
+def read_and_decode(batch: pa.Table, *, storage_options: Mapping[str, Any] | None, max_pixels: int,
+                    draft_size: int | None, chunk_images: int, chunk_bytes: int) -> Iterator[pa.Table]:
+    """Ray Data task: each input row is a pickled ShardSpec; yields decoded rows, then an END marker.
+
+    Nothing here raises for bad data: unreadable members become ``read_error`` rows, bad
+    images ``decode_error`` rows, and a shard that cannot be read at all ends with a marker
+    carrying its error (the driver records it as a failed shard).
+    """
+    from pipeline.decode import DecodeError, decode_image
+    from pipeline.sources import ShardReadError, read_shard
+
+    for blob in batch.column("spec").to_pylist():
+        spec = pickle.loads(blob)
+        rows: list[dict] = []
+        size = 0
+        count = 0
+        shard_error = None
+        try:
+            for member in read_shard(spec, storage_options=storage_options):
+                count += 1
+                row = {"image_id": f"{spec.shard_id}/{member.key}", "key": member.key,
+                       "source_uri": member.source_uri, "shard": spec.shard_id, END: False}
+                start = time.perf_counter()
+                if member.error is not None or member.data is None:
+                    row.update(status=STATUS_READ_ERROR, error=member.error or "member could not be read")
+                else:
+                    try:
+                        decoded = decode_image(member.data, max_pixels=max_pixels, draft_size=draft_size)
+                        arr = decoded.array
+                        row.update(status=STATUS_OK, width=decoded.width, height=decoded.height,
+                                   _pixels=arr.tobytes(), _pix_h=arr.shape[0], _pix_w=arr.shape[1])
+                        size += arr.nbytes
+                    except DecodeError as e:
+                        row.update(status=STATUS_DECODE_ERROR, error=str(e))
+                    except Exception as e:  # noqa: BLE001 - a decoder bug must not fail the shard
+                        row.update(status=STATUS_DECODE_ERROR, error=f"{type(e).__name__}: {e}")
+                row[DECODE_S] = time.perf_counter() - start
+                rows.append(row)
+                if len(rows) >= chunk_images or size >= chunk_bytes:
+                    yield _table(rows)
+                    rows, size = [], 0
+        except ShardReadError as e:
+            shard_error = str(e)
+        except Exception as e:  # noqa: BLE001 - an unexpected reader failure fails this shard only
+            shard_error = f"{type(e).__name__}: {e}"
+        rows.append({"image_id": f"{spec.shard_id}/", "key": "", "source_uri": "", "shard": spec.shard_id,
+                     "status": STATUS_OK, END: True, TOTAL: count, SHARD_ERROR: shard_error})
+        yield _table(rows)
+
+
+# --------------------------------------------------------------------------- driver-side bookkeeping
+
+
+@dataclass
+class _ShardState:
+    rows: list = field(default_factory=list)
+    seen: set = field(default_factory=set)  # image ids, so a retried read task cannot duplicate rows
+    expected: int | None = None
+    error: str | None = None
+    ended: bool = False
+    decode_s: float = 0.0
+    model_s: float = 0.0
+    first_seen: float = field(default_factory=time.monotonic)
+
+    def complete(self) -> bool:
+        return self.ended and (self.error is not None or len(self.rows) >= (self.expected or 0))
+
+
+class Progress:
+    """Counts and live progress lines for one run."""
+
+    def __init__(self, total_shards: int, interval_s: float, out: TextIO | None = None):
+        self.total_shards = total_shards
+        self.interval_s = interval_s
+        self.out = out if out is not None else sys.stderr
+        self.start = time.monotonic()
+        self.last = 0.0
+        self.shards_done = self.shards_failed = 0
+        self.images = self.image_failures = 0
+
+    def add(self, record: ShardRecord) -> None:
+        self.shards_done += 1
+        if record.status != COMMITTED:
+            self.shards_failed += 1
+        self.images += record.rows
+        self.image_failures += record.failed_rows
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def line(self) -> str:
+        rate = self.images / self.elapsed if self.elapsed > 0 else 0.0
+        return (f"[annotate] shards {self.shards_done}/{self.total_shards} "
+                f"({self.shards_failed} failed) | images {self.images} ({self.image_failures} failed) | "
+                f"{rate:.1f} img/s | {self.elapsed:.0f}s")
+
+    def tick(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last >= self.interval_s:
+            self.last = now
+            print(self.line(), file=self.out, flush=True)
+
+
+def code_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("mnv3-pipeline")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def new_run_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def lineage(job: AnnotateJob, run_id: str, draft_size: int | None) -> dict[str, Any]:
+    """What every output file records about how it was made (invariant 6). No storage options."""
+    models = [spec.lineage() for spec in job.tasks]
+    decode = {"max_pixels": job.max_pixels, "draft_decode": job.draft_decode, "draft_size": draft_size}
+    fingerprint = hashlib.sha256(json.dumps({"models": models, "decode": decode}, sort_keys=True,
+                                            default=str).encode()).hexdigest()[:16]
+    return {"run_id": run_id, "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "code_version": code_version(), "schema_version": SCHEMA_VERSION, "input": job.input,
+            "models": models, "decode": decode, "config_fingerprint": fingerprint}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_annotate(job: AnnotateJob, *, out: TextIO | None = None) -> dict[str, Any]:
+    """Run the job on the connected Ray cluster; returns the run report (also written to storage).
+
+    Raises RunError when the run cannot finish (stall past the no-progress timeout, ...);
+    the report is written in that case too, with ``status`` = "error".
+    """
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+    from ray.data.exceptions import ExecutionTimeoutError
+
+    from pipeline.sources import list_shards
+
+    out = out if out is not None else sys.stderr
+    run_id = job.run_id or new_run_id()
+    started = time.time()
+    store = OutputStore(job.output, job.output_options)
+    specs = list_shards(job.input, storage_options=job.input_options, manifest=job.manifest,
+                        images_per_shard=job.images_per_shard, image_column=job.image_column,
+                        key_column=job.key_column, exclude=[job.output])
+    selection = select_shards(specs, store, overwrite=job.overwrite, retry_failed=job.retry_failed)
+    pending = selection.pending
+    draft_size = draft_size_for(job.tasks) if job.draft_decode else None
+    meta = lineage(job, run_id, draft_size)
+    plan = cluster_plan(job)
+    for note in plan.notes:
+        print(f"[annotate] note: {note}", file=out)
+    print(f"[annotate] run {run_id}: {len(specs)} shards listed, {selection.skipped_committed} already "
+          f"committed, {len(pending)} to process ({selection.retried} retried, {selection.changed} changed "
+          "since committed)"
+          + (f"; overwrite removed {selection.reset}" if selection.reset else ""), file=out)
+    print(f"[annotate] pool: up to {plan.max_actors} actor(s) x {plan.actor_cpus:g} CPU ({plan.threads} "
+          f"torch thread(s)), read tasks {plan.read_cpus:g} CPU x {plan.max_read_tasks}, cluster "
+          f"{plan.cluster_cpus:g} CPUs", file=out)
+
+    progress = Progress(len(pending), job.progress_interval_s, out)
+    records: list[ShardRecord] = []
+    status, error = "ok", None
+    states: dict[str, _ShardState] = {}
+    inputs = {s.shard_id: list(s.uris) for s in pending}
+    spec_prints = {s.shard_id: _spec_fingerprint(s) for s in pending}
+    try:
+        if pending:
+            ctx = DataContext.get_current()
+            ctx.execution_no_progress_timeout_s = float(job.no_progress_timeout_s)
+            ctx.enable_progress_bars = bool(job.ray_progress_bars)
+            ds = ray.data.from_items([{"shard_id": s.shard_id, "spec": pickle.dumps(s)} for s in pending],
+                                     override_num_blocks=len(pending))
+            ds = ds.map_batches(
+                read_and_decode, batch_size=1, batch_format="pyarrow", num_cpus=plan.read_cpus,
+                compute=TaskPoolStrategy(size=plan.max_read_tasks),
+                fn_kwargs={"storage_options": job.input_options, "max_pixels": job.max_pixels,
+                           "draft_size": draft_size, "chunk_images": job.batch_max_images,
+                           "chunk_bytes": job.batch_max_decoded_bytes})
+            ds = ds.map_batches(
+                InferenceBundle, batch_size=job.batch_max_images, batch_format="pyarrow",
+                num_cpus=plan.actor_cpus,
+                compute=ActorPoolStrategy(min_size=1, max_size=plan.max_actors),
+                fn_constructor_kwargs={"tasks": job.tasks, "num_threads": plan.threads,
+                                       "max_images": job.batch_max_images,
+                                       "max_decoded_bytes": job.batch_max_decoded_bytes,
+                                       "storage_options": job.weights_options, "seed": job.seed})
+            progress.tick(force=True)
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for shard_id in _absorb(batch, states):
+                    record = _commit(store, shard_id, states.pop(shard_id), meta, run_id, inputs[shard_id],
+                                     spec_prints[shard_id])
+                    records.append(record)
+                    progress.add(record)
+                    progress.tick(force=True)
+                if job.max_images and progress.images >= job.max_images:
+                    print(f"[annotate] --max-images {job.max_images} reached; stopping (in-flight shards are "
+                          "not committed and will be processed by the next run)", file=out)
+                    break
+                progress.tick()
+            leftover = [sid for sid, st in states.items() if st.rows or st.ended]
+            if leftover and not (job.max_images and progress.images >= job.max_images):
+                raise RunError(f"the stream ended with incomplete shards {leftover[:5]}: rows were lost "
+                               "between stages; re-run to process them")
+    except ExecutionTimeoutError as e:
+        status, error = "error", (f"stalled: no data moved for {job.no_progress_timeout_s:g}s "
+                                  f"(run.no_progress_timeout_s). Ray Data says:\n{e}")
+        raise RunError(error) from None
+    except BaseException as e:
+        status, error = "error", f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        report = _report(job, run_id, started, plan, selection, specs, records, status, error, meta, progress)
+        try:
+            report["report_url"] = store.write_report(run_id, report)
+        except Exception as e:  # noqa: BLE001 - the report must not hide the run's own error
+            print(f"[annotate] could not write the run report: {e}", file=out)
+        if status == "ok":
+            progress.tick(force=True)
+            print(summary_table(report), file=out)
+    return report
+
+
+def _absorb(batch: pa.Table, states: dict[str, _ShardState]) -> list[str]:
+    """Add one output block to the per-shard state; returns shards that just became complete."""
+    touched = set()
+    for row in batch.to_pylist():
+        shard_id = row["shard"]
+        st = states.setdefault(shard_id, _ShardState())
+        touched.add(shard_id)
+        if row.get(END):
+            st.ended, st.expected, st.error = True, int(row.get(TOTAL) or 0), row.get(SHARD_ERROR)
+            continue
+        if row["image_id"] in st.seen:
+            continue
+        st.seen.add(row["image_id"])
+        st.decode_s += float(row.pop(DECODE_S, 0.0) or 0.0)
+        st.model_s += float(row.pop("_model_s", 0.0) or 0.0)
+        st.rows.append({k: v for k, v in row.items() if not k.startswith("_")})
+    return sorted(sid for sid in touched if states[sid].complete())
+
+
+def _spec_fingerprint(spec: Any) -> str | None:
+    fingerprint = getattr(spec, "fingerprint", None)
+    return fingerprint() if callable(fingerprint) else None
+
+
+def _commit(store: OutputStore, shard_id: str, st: _ShardState, meta: Mapping[str, Any], run_id: str,
+            inputs: Sequence[str], spec_print: str | None) -> ShardRecord:
+    stats = {"images": len(st.rows), "decode_s": round(st.decode_s, 4), "model_s": round(st.model_s, 4),
+             "wall_s": round(time.monotonic() - st.first_seen, 4)}
+    if st.error is not None:
+        return store.record_failed(shard_id, st.error, stats, run_id=run_id,
+                                   fingerprint=meta["config_fingerprint"], inputs=inputs,
+                                   spec_fingerprint=spec_print)
+    record = store.commit_shard(shard_id, st.rows, meta, stats, run_id=run_id,
+                                fingerprint=meta["config_fingerprint"], inputs=inputs,
+                                spec_fingerprint=spec_print)
+    busy = record.stats["decode_s"] + record.stats["model_s"] + record.stats["write_s"]
+    record.stats["images_per_s"] = round(record.rows / busy, 2) if busy > 0 else None
+    return record
+
+
+def _report(job: AnnotateJob, run_id: str, started: float, plan: PoolPlan, selection: Any,
+            specs: Sequence[Any], records: Sequence[ShardRecord], status: str, error: str | None,
+            meta: Mapping[str, Any], progress: Progress) -> dict[str, Any]:
+    wall = time.time() - started
+    failed_shards = [r for r in records if r.status != COMMITTED]
+    if status == "ok" and failed_shards:
+        status = "some_shards_failed"
+    images = sum(r.rows for r in records)
+    model_s = sum(r.stats.get("model_s", 0.0) for r in records)
+    decode_s = sum(r.stats.get("decode_s", 0.0) for r in records)
+    commits = sorted(r.committed_at for r in records if r.committed_at)
+    steady = None
+    if len(commits) > 1 and commits[-1] > commits[0]:
+        first = min(records, key=lambda r: r.committed_at or 0)
+        steady = round((images - first.rows) / (commits[-1] - commits[0]), 3)
+    return {
+        "run_id": run_id, "status": status, "error": error,
+        "started_at": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
+        "wall_s": round(wall, 3), "input": job.input, "output": job.output,
+        "shards": {"listed": len(specs), "skipped_committed": selection.skipped_committed,
+                   "pending": len(selection.pending), "retried": selection.retried,
+                   "changed": selection.changed,
+                   "committed": len(records) - len(failed_shards), "failed": len(failed_shards)},
+        "images": {"total": images, "failed": sum(r.failed_rows for r in records),
+                   "per_s": round(images / progress.elapsed, 3) if progress.elapsed > 0 and images else 0.0,
+                   # between the first and the last commit (actor start-up excluded)
+                   "steady_per_s": steady,
+                   # what the actors' model calls alone would sustain (same run, same cores)
+                   "model_only_per_s": round(images / model_s, 3) if model_s > 0 else None,
+                   "model_s": round(model_s, 3), "decode_s": round(decode_s, 3)},
+        "top_errors": top_errors(e for r in records for msg, n in r.top_errors for e in [msg] * n),
+        "pool": asdict(plan), "lineage": dict(meta), "config": job.config,
+        "per_shard": [asdict(r) for r in records],
+    }
+
+
+def summary_table(report: Mapping[str, Any]) -> str:
+    """A fixed-width summary of a run report (printed at the end of a run)."""
+    lines = [f"run {report['run_id']}: {report['status']}",
+             f"{'shard':<28} {'status':<10} {'images':>7} {'failed':>7} {'decode_s':>9} {'model_s':>8} "
+             f"{'write_s':>8} {'img/s':>8}"]
+    for r in report["per_shard"]:
+        s = r["stats"]
+        ips = s.get("images_per_s")
+        lines.append(f"{r['shard_id'][:28]:<28} {r['status']:<10} {r['rows']:>7} {r['failed_rows']:>7} "
+                     f"{s.get('decode_s', 0):>9.2f} {s.get('model_s', 0):>8.2f} {s.get('write_s', 0):>8.2f} "
+                     f"{(f'{ips:.1f}' if ips else '-'):>8}")
+    sh, im = report["shards"], report["images"]
+    lines.append(f"shards: {sh['committed']} committed, {sh['failed']} failed, {sh['skipped_committed']} "
+                 f"skipped (already committed) | images: {im['total']} ({im['failed']} failed) | "
+                 f"{im['per_s']} img/s end to end | {report['wall_s']:.1f}s")
+    for msg, n in report.get("top_errors", []):
+        lines.append(f"  error x{n}: {msg}")
+    return "\n".join(lines)

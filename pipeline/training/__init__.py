@@ -1,0 +1,1 @@
+"""Fine-tuning on COCO-format data with Ray Train (the ``finetune`` job's machinery)."""
