@@ -1,14 +1,22 @@
 """``mnv3-pipeline annotate``: images in object storage -> one Parquet row per image, exactly once.
 
 Thin entry point: parse flags, load and validate the config (before any work), connect to
-Ray, hand an ``AnnotateJob`` to ``pipeline.run``. Exit codes: 0 all shards committed,
-1 some shards or images failed (see the run report), 2 bad config or usage,
-3 the run stopped (stall, cluster or storage error).
+Ray, hand an ``AnnotateJob`` to ``pipeline.run``.
+
+Exit codes (what a scheduler should do):
+
+* 0 - every pending shard committed with every image ok (nothing to do).
+* 1 - the run finished but some images or whole shards failed (see the run report's
+  ``top_errors``); re-running does not help unless the data is fixed, ``--retry-failed`` redoes them.
+* 2 - bad config, flags or input (nothing was processed); fix the command, do not retry.
+* 3 - the run stopped before finishing (stall, lost cluster, storage error); retry: the
+  re-run resumes and skips committed shards.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import sys
 from typing import Any
@@ -41,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images-per-shard", type=int, help="shard size for inputs without natural shards")
     p.add_argument("--preview", type=int, metavar="K", help="render K overlay images + index.html in "
                                                              "<output>/_preview")
+    p.add_argument("--date", help="the date (YYYY-MM-DD) that {date} in --output stands for (default: today, "
+                                  "UTC); shards committed under earlier dates are skipped")
     p.add_argument("--manifest", help="URI list (text or Parquet) to use instead of listing the input")
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     p.add_argument("--num-cpus", type=int,
@@ -93,6 +103,59 @@ def task_specs(cfg: cfgmod.Config) -> list:
     return specs
 
 
+def finetune_defaults(cfg: cfgmod.Config) -> tuple[dict[str, Any], list[str]]:
+    """Config keys from the JSON sidecar of fine-tuned weights (``pipeline.training.export``).
+
+    A ``tasks.<task>.weights`` URI ending in ``.pth``/``.pt`` with a sidecar beside it brings its
+    builder, labels, classes, sizes, precision and sha256; keys the user set explicitly win.
+    Returns (dotted defaults, notes to print).
+    """
+    from mnv3.weights import find_weights
+
+    try:
+        from pipeline.training.export import config_overrides, read_sidecar
+    except ImportError:
+        return {}, []
+    defaults: dict[str, Any] = {}
+    notes = []
+    for name in cfgmod.TASK_NAMES:
+        uri = getattr(cfg.tasks, name).weights
+        if not uri or find_weights(uri) is not None or not uri.endswith((".pth", ".pt")):
+            continue
+        try:
+            side = read_sidecar(uri, cfg.storage.options)
+        except FileNotFoundError:
+            continue
+        except Exception as e:  # noqa: BLE001 - a foreign .json beside the weights is not ours to use
+            notes.append(f"tasks.{name}.weights: ignoring {uri[:-4]}.json ({type(e).__name__}: {e})")
+            continue
+        if side.get("task") != name:
+            key = f"tasks.{name}.weights"
+            task = side.get("task")
+            raise cfgmod.ConfigError(key, f"{key} = {uri!r} is a fine-tuned {task} model (see its sidecar); "
+                                          f"set it as tasks.{task}.weights instead")
+        defaults.update(config_overrides(side, uri))
+        notes.append(f"tasks.{name}: fine-tuned {side.get('builder')} with {side.get('num_classes')} classes "
+                     f"from {uri} (settings from its sidecar unless set explicitly)")
+    return defaults, notes
+
+
+def output_url(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
+    """(resolved output URL, template or None, date or None) from ``--output`` and ``--date``."""
+    from pipeline.commit import DATE_PLACEHOLDER, check_output_template, resolve_output
+
+    try:
+        check_output_template(args.output)
+        if DATE_PLACEHOLDER not in args.output:
+            if args.date:
+                raise ValueError(f"--date {args.date} is given but --output has no {DATE_PLACEHOLDER}")
+            return args.output, None, None
+        date = args.date or dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+        return resolve_output(args.output, date), args.output, date
+    except ValueError as e:
+        raise cfgmod.ConfigError("--output", f"--output: {e}") from None
+
+
 def make_job(args: argparse.Namespace, cfg: cfgmod.Config) -> Any:
     """Config + flags -> ``pipeline.run.AnnotateJob``; weights are checked and hashed here (before Ray)."""
     from dataclasses import replace
@@ -114,8 +177,10 @@ def make_job(args: argparse.Namespace, cfg: cfgmod.Config) -> Any:
             spec = replace(spec, sha256=digest)
         specs.append(spec)
     r, a, b = cfg.run, cfg.actors, cfg.batch
+    output, template, date = output_url(args)
     return AnnotateJob(
-        input=args.input, output=args.output, tasks=specs, input_options=cfg.storage.for_input(),
+        input=args.input, output=output, output_template=template, date=date, tasks=specs,
+        input_options=cfg.storage.for_input(),
         output_options=cfg.storage.for_output(), weights_options=dict(cfg.storage.options),
         manifest=args.manifest, image_column=r.image_column, key_column=r.key_column,
         images_per_shard=r.images_per_shard, max_images=r.max_images,
@@ -147,13 +212,19 @@ def _connect_ray(address: str | None, num_cpus: int | None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        # address="local": a new cluster (a bare ray.init() would join any `ray start` cluster here)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         overrides = build_overrides(args)
         cfg = cfgmod.load(args.config, overrides)
+        defaults, notes = finetune_defaults(cfg)
+        if defaults:
+            cfg = cfgmod.load(args.config, overrides, defaults=defaults)
+        for note in notes:
+            print(f"[annotate] {note}", file=sys.stderr)
         if args.print_config:
             import yaml
 
@@ -166,18 +237,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"mnv3-pipeline annotate: config error: {e}", file=sys.stderr)
         return EXIT_USAGE
 
-    from pipeline.run import RunError, run_annotate
+    from pipeline.run import Redactor, RunError, run_annotate
     from pipeline.sources import SourceError
 
+    redact = Redactor([job.input_options, job.output_options, job.weights_options])
     _warn_random_weights(job.tasks)
     try:
         _connect_ray(args.ray_address, args.num_cpus)
         report = run_annotate(job)
     except SourceError as e:
-        print(f"mnv3-pipeline annotate: input error: {e}", file=sys.stderr)
+        print(f"mnv3-pipeline annotate: input error: {redact.text(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except RunError as e:
-        print(f"mnv3-pipeline annotate: run stopped: {e}", file=sys.stderr)
+        print(f"mnv3-pipeline annotate: run stopped: {redact.text(str(e))}", file=sys.stderr)
+        return EXIT_ABORTED
+    except Exception as e:  # noqa: BLE001 - storage or cluster failure: a scheduler should retry
+        print(f"mnv3-pipeline annotate: run stopped: {type(e).__name__}: {redact.text(str(e))}; re-run to "
+              "resume (committed shards are kept)", file=sys.stderr)
         return EXIT_ABORTED
     _warn_random_weights(job.tasks)
     if args.preview:
@@ -185,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
             from pipeline import storage
             from pipeline.preview import render_previews
 
-            index = render_previews(args.output, storage.join(args.output, "_preview"), args.preview,
+            index = render_previews(job.output, storage.join(job.output, "_preview"), args.preview,
                                     storage_options=job.output_options)
             print(f"[annotate] previews: {index}", file=sys.stderr)
         except Exception as e:  # noqa: BLE001 - previews are a convenience, not the job's result

@@ -29,6 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls")
     p.add_argument("--output", help="write the JSON report here (local path or fsspec URL)")
     p.add_argument("--plot", help="write a PNG bar chart here")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: images / wall seconds / threads (quiet machine); cpu: images / CPU seconds of "
+                        "this process, robust when other jobs share the cores (default wall)")
+    p.add_argument("--extra", type=_csv, default=[],
+                   help="extra row sources registered with pipeline.benchmark.register_rows "
+                        "(e.g. end-to-end)")
     p.add_argument("--quick", action="store_true", help="tiny inputs and repeats (smoke test)")
     p.add_argument("--list", action="store_true", help="list the benchmark cases and exit")
     p.set_defaults(func=run)
@@ -45,11 +51,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         cases = select_cases(args.models)
         cfg = BenchmarkConfig(modes=args.modes, threads=args.threads, batch_sizes=args.batch_sizes,
-                              repeats=args.repeats, warmup=args.warmup, quick=args.quick)
+                              repeats=args.repeats, warmup=args.warmup, quick=args.quick, clock=args.clock)
+        report = run_benchmark(cases, cfg, log=lambda m: print(m, file=sys.stderr), extra=args.extra)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = run_benchmark(cases, cfg, log=lambda m: print(m, file=sys.stderr))
     print(format_table(report))
     if args.output:
         fs, path = open_fs(args.output)

@@ -466,10 +466,13 @@ def parse_text(text: str, fmt: str, source: str | None = None) -> dict[str, Any]
 
 
 def load(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None,
-         storage_options: Mapping[str, Any] | None = None) -> Config:
+         storage_options: Mapping[str, Any] | None = None,
+         defaults: Mapping[str, Any] | None = None) -> Config:
     """Load ``path`` (YAML ``.yaml``/``.yml`` or TOML ``.toml``; any fsspec URL), apply dotted
     ``overrides`` (e.g. ``{"tasks.detect.threshold": 0.5}``), validate and return the Config.
 
+    ``defaults`` are dotted keys applied only where neither the file nor ``overrides`` set the
+    key (e.g. what a fine-tuned model's export sidecar says; explicit settings win).
     With no path the defaults are used. Raises ConfigError (naming the key) on any problem.
     """
     source = str(path) if path is not None else None
@@ -484,7 +487,20 @@ def load(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any
         data = parse_text(text, fmt, source)
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
+    for key, value in (defaults or {}).items():
+        if not has_dotted(data, key):
+            set_dotted(data, key, value)
     return from_dict(data, source)
+
+
+def has_dotted(data: Mapping[str, Any], key: str) -> bool:
+    """True when ``data`` sets the dotted ``key`` (``has_dotted(d, "tasks.detect.threshold")``)."""
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -575,7 +591,11 @@ def example_yaml() -> str:
 
 
 if __name__ == "__main__":  # python -m jobs.config > docs/config_reference.md
-    print(render_reference(), end="")
+    # Render from the importable module: run as a script this file is ``__main__``, a second copy
+    # of the module, and other jobs register their sections in ``jobs.config``, not here.
+    from jobs import config as _importable
+
+    print(_importable.render_reference(), end="")
 
 
 __all__ = ["Config", "ConfigError", "load", "from_dict", "register_section", "render_reference",

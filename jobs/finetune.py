@@ -83,8 +83,9 @@ class FinetuneConfig:
     )
     max_minutes: float | None = opt(
         None,
-        "Stop training after this much training time (resume counts it); "
-        "the epoch in progress is then validated and exported.",
+        "Time budget: stop after this much training time (validation excluded, earlier time of a "
+        "resumed run included); the epoch in progress is then validated and exported. Cosine and "
+        "poly schedules decay over the budget.",
         minimum=0.0,
         exclusive_min=True,
     )
@@ -199,6 +200,11 @@ class FinetuneConfig:
     qat_backend: str | None = opt(None, "QAT qconfig backend (default: this CPU's engine).")
     qat_observer_epochs: int = opt(4, "QAT: observers are frozen from this epoch on.", minimum=0)
     qat_bn_freeze_epochs: int = opt(3, "QAT: BN statistics are frozen from this epoch on.", minimum=0)
+    resume: str | None = opt(
+        None,
+        "Continue a run: its name, or 'auto' = the newest unfinished run of this task under output "
+        "(else a new run). Empty = always a new run (named with the UTC date and time).",
+    )
     log_every: int = opt(20, "Print the loss every N steps (0 = never).", minimum=0)
     ray_num_cpus: int | None = opt(None, "CPUs of the local Ray instance when none is running.", minimum=1)
 
@@ -235,28 +241,37 @@ def resolve_settings(ft: FinetuneConfig) -> dict[str, Any]:
 
 
 def run_finetune(
-    cfg: Any, *, resume: str | None = None, test_hooks: dict[str, Any] | None = None, **overrides: Any
+    cfg: Any,
+    *,
+    resume: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    test_hooks: dict[str, Any] | None = None,
+    **overrides: Any,
 ):
     """Fine-tune as configured and export; returns a ``FinetuneResult`` (weights URI, metrics, history).
 
     ``cfg``: a loaded ``jobs.config.Config`` (its ``finetune`` and ``storage`` sections are used),
     a ``FinetuneConfig``, or a mapping of finetune keys. ``overrides``: finetune keys to replace,
-    e.g. ``run_finetune(cfg, task="segment", epochs=2)``. ``resume``: a run name to continue.
+    e.g. ``run_finetune(cfg, task="segment", epochs=2)``. ``resume``: a run name to continue or
+    "auto" (overrides ``finetune.resume``). ``storage_options``: fsspec options for data and
+    output URLs (e.g. an S3 endpoint) when ``cfg`` is not a ``Config``. Time budget:
+    ``max_minutes`` (training time, checked every step; the epoch in progress is then validated
+    and exported) and/or ``max_steps_per_epoch`` x ``epochs``.
     """
     from pipeline.training.trainer import fit
 
     if isinstance(cfg, config_mod.Config):
         ft, in_opts, out_opts = cfg.section("finetune"), cfg.storage.for_input(), cfg.storage.for_output()
     elif isinstance(cfg, FinetuneConfig):
-        ft, in_opts, out_opts = cfg, {}, {}
+        ft, in_opts, out_opts = cfg, dict(storage_options or {}), dict(storage_options or {})
     else:
         ft = config_mod._build(FinetuneConfig, dict(cfg or {}), "finetune", None)
-        in_opts, out_opts = {}, {}
+        in_opts, out_opts = dict(storage_options or {}), dict(storage_options or {})
     if overrides:
         ft = config_mod._build(FinetuneConfig, {**_explicit(ft), **overrides}, "finetune", None)
     return fit(
         resolve_settings(ft),
-        resume=resume,
+        resume=resume if resume is not None else ft.resume,
         storage_options=in_opts,
         output_storage_options=out_opts,
         test_hooks=test_hooks,
@@ -285,7 +300,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (fractional allowed)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-minutes", type=float, help="training time budget in minutes")
-    p.add_argument("--resume", metavar="NAME", help="continue the interrupted run NAME (under --output)")
+    p.add_argument(
+        "--resume",
+        metavar="NAME|auto",
+        help="continue the interrupted run NAME (under --output); 'auto' = the newest unfinished run "
+        "of the task, else a new run",
+    )
     p.add_argument(
         "--set",
         action="append",

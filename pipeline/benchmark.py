@@ -9,9 +9,20 @@ across runs or machines. For each case (a model at an input size) and mode:
 * ``int8``: post-training static quantization (calibrated on the benchmark input),
   eager ``torch.ao`` int8 kernels of the chosen engine.
 
-Each row: warm-up calls, then the median of ``repeats`` timed calls; images/s per core
-(= images/s / threads), process peak RSS so far, and the ratio to fp32 at the same case
-and batch size. Cases live in ``CASES``; ``register_case`` adds more (e.g. end-to-end rows).
+Each row: warm-up calls, then the median of ``repeats`` timed calls; images/s per core,
+the process's peak RSS while that mode was built and run, and the ratio to fp32 at the same
+case and batch size. Images/s per core comes from one of two clocks:
+
+* ``wall`` (default): images / wall seconds / threads, the plain throughput of a quiet machine;
+* ``cpu``: images / CPU seconds of this process. On a machine shared with other jobs the wall
+  clock counts the time the scheduler gave to others; CPU time does not, so per-core numbers
+  and ratios stay meaningful under load (cache contention still adds some noise).
+
+Both are recorded in every row. Report format (JSON): ``{"machine", "config", "rows"}``;
+``rows`` is a list of dicts with a ``kind`` field: ``"model"`` rows come from ``CASES``
+(``register_case`` adds more); other kinds come from row providers registered with
+``register_rows(name, provider)`` (the annotate job's end-to-end rows) and chosen with
+``run_benchmark(..., extra=[name])`` / ``--extra name``.
 """
 
 from __future__ import annotations
@@ -107,19 +118,27 @@ def select_cases(names: list[str] | None) -> list[Case]:
     return out
 
 
+CLOCKS = ("wall", "cpu")
+
+
 @dataclass
 class BenchmarkConfig:
+    """What to measure and how; ``quick`` shrinks inputs, batches and repeats for smoke tests."""
+
     modes: list[str] = field(default_factory=lambda: list(DEFAULT_MODES))
     threads: int = 1
     batch_sizes: list[int] = field(default_factory=lambda: [1, 16])
     repeats: int = 5
     warmup: int = 2
     quick: bool = False
+    clock: str = "wall"
 
     def __post_init__(self) -> None:
         bad = [m for m in self.modes if m not in MODES]
         if bad:
             raise ValueError(f"unknown modes {bad}; choose from {list(MODES)}")
+        if self.clock not in CLOCKS:
+            raise ValueError(f"unknown clock {self.clock!r}; choose from {list(CLOCKS)}")
         if self.threads < 1 or self.repeats < 1 or self.warmup < 0 or not self.batch_sizes \
                 or min(self.batch_sizes) < 1:
             raise ValueError("threads, repeats and batch sizes must be >= 1 and warmup >= 0")
@@ -127,6 +146,16 @@ class BenchmarkConfig:
             self.repeats = min(self.repeats, 2)
             self.warmup = min(self.warmup, 1)
             self.batch_sizes = [min(b, 2) for b in self.batch_sizes]
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux), so the next peak is per mode."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def peak_rss_mb() -> float:
@@ -173,16 +202,18 @@ def prepare_mode(case: Case, mode: str, quick: bool) -> tuple[nn.Module, Callabl
     return model, call
 
 
-def time_calls(call: Callable[[Any], Any], x: Any, warmup: int, repeats: int) -> list[float]:
-    """Seconds per call for ``repeats`` calls after ``warmup`` untimed ones."""
+def time_calls(call: Callable[[Any], Any], x: Any, warmup: int,
+               repeats: int) -> tuple[list[float], list[float]]:
+    """(wall seconds, process CPU seconds) per call for ``repeats`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         call(x)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         call(x)
-        times.append(time.perf_counter() - t0)
-    return times
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return wall, cpu
 
 
 def machine_info(threads: int) -> dict[str, Any]:
@@ -207,9 +238,28 @@ def machine_info(threads: int) -> dict[str, Any]:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version()}
 
 
-def run_benchmark(cases: list[Case], cfg: BenchmarkConfig,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure every (case, mode, batch) and return the report (plain data, JSON-ready)."""
+RowProvider = Callable[["BenchmarkConfig", Callable[[str], None]], list[dict[str, Any]]]
+ROW_PROVIDERS: dict[str, RowProvider] = {}
+
+
+def register_rows(name: str, provider: RowProvider) -> None:
+    """Add a source of extra report rows (e.g. the annotate job's end-to-end throughput).
+
+    ``provider(cfg, log)`` runs under ``cfg.threads`` torch threads and returns rows: dicts
+    with at least ``kind`` (e.g. "end_to_end"), ``model``, ``mode``, ``batch`` and
+    ``images_per_s_per_core``; ``input``, ``images_per_s``, ``peak_rss_mb`` and any other
+    plain-data fields are optional. ``vs_fp32`` is filled in against the row of the same
+    kind, model and batch whose mode is "fp32", when there is one.
+    """
+    ROW_PROVIDERS[name] = provider
+
+
+def run_benchmark(cases: list[Case], cfg: BenchmarkConfig, log: Callable[[str], None] = print,
+                  extra: list[str] | None = None) -> dict[str, Any]:
+    """Measure every (case, mode, batch), then run the ``extra`` row providers; returns the report."""
+    unknown = [name for name in extra or [] if name not in ROW_PROVIDERS]
+    if unknown:
+        raise ValueError(f"unknown extra benchmark rows {unknown}; registered: {sorted(ROW_PROVIDERS)}")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     rows: list[dict[str, Any]] = []
@@ -217,6 +267,8 @@ def run_benchmark(cases: list[Case], cfg: BenchmarkConfig,
         for case in cases:
             batches = cfg.batch_sizes if case.batched else [1]
             for mode in cfg.modes:
+                gc.collect()
+                reset_peak_rss()
                 try:
                     model, call = prepare_mode(case, mode, cfg.quick)
                 except Exception as exc:  # a mode a model cannot run in is a row, not a crash
@@ -227,60 +279,74 @@ def run_benchmark(cases: list[Case], cfg: BenchmarkConfig,
                 for b in batches:
                     x = case.make_input(b, cfg.quick)
                     try:
-                        times = time_calls(call, x, cfg.warmup, cfg.repeats)
+                        wall, cpu = time_calls(call, x, cfg.warmup, cfg.repeats)
                     except Exception as exc:
                         rows.append(_row(case, mode, b, cfg, error=f"{type(exc).__name__}: {exc}"))
                         log(f"benchmark: {case.name} {mode} b{b}: failed ({exc})")
                         continue
-                    row = _row(case, mode, b, cfg, times=times)
+                    row = _row(case, mode, b, cfg, wall=wall, cpu=cpu)
                     rows.append(row)
                     log(f"benchmark: {case.name:18s} {mode:13s} b{b:<3d} {row['images_per_s_per_core']:8.2f} "
-                        f"img/s/core")
+                        f"img/s/core ({cfg.clock} clock)")
                 del model, call
-                gc.collect()
+        for name in extra or []:
+            log(f"benchmark: rows from {name}")
+            rows += [dict(r) for r in ROW_PROVIDERS[name](cfg, log)]
     finally:
         torch.set_num_threads(previous_threads)
     _add_ratios(rows)
     return {"machine": machine_info(cfg.threads), "config": {
         "modes": cfg.modes, "threads": cfg.threads, "batch_sizes": cfg.batch_sizes, "repeats": cfg.repeats,
-        "warmup": cfg.warmup, "quick": cfg.quick}, "rows": rows}
+        "warmup": cfg.warmup, "quick": cfg.quick, "clock": cfg.clock, "extra": list(extra or [])},
+        "rows": rows}
 
 
-def _row(case: Case, mode: str, batch: int, cfg: BenchmarkConfig, times: list[float] | None = None,
-         error: str | None = None) -> dict[str, Any]:
+def _row(case: Case, mode: str, batch: int, cfg: BenchmarkConfig, wall: list[float] | None = None,
+         cpu: list[float] | None = None, error: str | None = None) -> dict[str, Any]:
     h, w = case.input_size(cfg.quick)
-    row: dict[str, Any] = {"model": case.name, "builder": case.builder, "task": case.task, "mode": mode,
-                           "batch": batch, "input": f"{h}x{w}", "threads": cfg.threads, "error": error}
-    if times:
-        med = statistics.median(times)
-        row.update(seconds_median=med, seconds_all=times, images_per_s=batch / med,
-                   images_per_s_per_core=batch / med / cfg.threads, peak_rss_mb=round(peak_rss_mb(), 1))
+    row: dict[str, Any] = {"kind": "model", "model": case.name, "builder": case.builder, "task": case.task,
+                           "mode": mode, "batch": batch, "input": f"{h}x{w}", "threads": cfg.threads,
+                           "clock": cfg.clock, "error": error}
+    if wall and cpu:
+        med, cpu_med = statistics.median(wall), statistics.median(cpu)
+        per_core = batch / cpu_med if cfg.clock == "cpu" else batch / med / cfg.threads
+        row.update(seconds_median=med, seconds_all=wall, cpu_seconds_median=cpu_med, cpu_seconds_all=cpu,
+                   images_per_s=batch / med, images_per_s_per_core=per_core,
+                   peak_rss_mb=round(peak_rss_mb(), 1))
     return row
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
-    base = {(r["model"], r["batch"]): r["images_per_s"] for r in rows
-            if r["mode"] == "fp32" and r.get("images_per_s")}
+    """``vs_fp32``: images/s per core over the fp32 row of the same kind, model and batch."""
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return r.get("kind", "model"), r.get("model"), r.get("batch")
+
+    base = {key(r): r["images_per_s_per_core"] for r in rows
+            if r.get("mode") == "fp32" and r.get("images_per_s_per_core")}
     for r in rows:
-        ref = base.get((r["model"], r["batch"]))
-        r["vs_fp32"] = round(r["images_per_s"] / ref, 3) if ref and r.get("images_per_s") else None
+        r.setdefault("kind", "model")
+        ref = base.get(key(r))
+        rate = r.get("images_per_s_per_core")
+        r["vs_fp32"] = round(rate / ref, 3) if ref and rate else None
 
 
 def format_table(report: dict[str, Any]) -> str:
     """The report as a fixed-width text table (one line per row)."""
     m = report["machine"]
+    clock = report.get("config", {}).get("clock", "wall")
     lines = [f"# {m['cpu']} ({m['machine']}, {m['cpu_capability']}), torch {m['torch']}, "
-             f"{m['threads']} thread(s), int8 engine {m['quantized_engine']}",
-             f"{'model':20s} {'input':9s} {'mode':13s} {'batch':>5s} {'img/s/core':>11s} {'vs fp32':>8s} "
-             f"{'peak RSS MB':>11s}"]
+             f"{m['threads']} thread(s), int8 engine {m['quantized_engine']}, {clock} clock",
+             f"{'kind':10s} {'model':20s} {'input':9s} {'mode':13s} {'batch':>5s} {'img/s/core':>11s} "
+             f"{'vs fp32':>8s} {'peak RSS MB':>11s}"]
     for r in report["rows"]:
+        head = (f"{r.get('kind', 'model'):10s} {r['model']:20s} {r.get('input', '-'):9s} {r['mode']:13s} "
+                f"{r['batch']:5d}")
         if r.get("error"):
-            lines.append(f"{r['model']:20s} {r['input']:9s} {r['mode']:13s} {r['batch']:5d}  "
-                         f"skipped: {r['error'][:70]}")
+            lines.append(f"{head}  skipped: {r['error'][:70]}")
             continue
         ratio = f"{r['vs_fp32']:.2f}x" if r.get("vs_fp32") else "-"
-        lines.append(f"{r['model']:20s} {r['input']:9s} {r['mode']:13s} {r['batch']:5d} "
-                     f"{r['images_per_s_per_core']:11.2f} {ratio:>8s} {r['peak_rss_mb']:11.0f}")
+        rss = f"{r['peak_rss_mb']:11.0f}" if r.get("peak_rss_mb") else f"{'-':>11s}"
+        lines.append(f"{head} {r['images_per_s_per_core']:11.2f} {ratio:>8s} {rss}")
     return "\n".join(lines)
 
 
@@ -305,7 +371,8 @@ def plot_png(report: dict[str, Any], width: int = 900) -> bytes:
     scale = (width - label_w - 70) / top_ratio
     for i, r in enumerate(rows):
         y = top + i * bar_h
-        draw.text((8, y + 2), f"{r['model']} b{r['batch']} {r['mode']}", fill="black")
+        kind = "" if r.get("kind", "model") == "model" else f"[{r['kind']}] "
+        draw.text((8, y + 2), f"{kind}{r['model']} b{r['batch']} {r['mode']}", fill="black")
         x1 = label_w + int(r["vs_fp32"] * scale)
         draw.rectangle([label_w, y + 2, x1, y + bar_h - 2], fill=_COLOURS.get(r["mode"], (120, 120, 120)))
         draw.text((x1 + 4, y + 2), f"{r['vs_fp32']:.2f}x", fill="black")

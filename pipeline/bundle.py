@@ -15,7 +15,10 @@ Row contract (pyarrow tables in and out): the input has the schema-v1 identity c
 size, which differs from width/height after a draft downscale). Every other column whose
 name starts with ``_`` is passed through unchanged (the run uses them for shard
 bookkeeping and timings). The output has every schema-v1 column, the pass-through
-columns and ``_model_s`` (this row's share of model time).
+columns, ``_model_s`` (this row's share of model time), ``_threads`` (the actor's torch
+threads, so the run report can show that threads match the actor CPUs), ``_model_t1`` (when
+the batch's model work ended) and ``_warmup`` (the actor's first call), so the run can time
+its steady state without actor start-up, int8 calibration and lazy initialisation.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ from mnv3 import transforms
 from pipeline.schema import OUTPUT_SCHEMA, STATUS_INFERENCE_ERROR, STATUS_OK
 
 PIXELS, PIX_H, PIX_W, MODEL_S = "_pixels", "_pix_h", "_pix_w", "_model_s"
+THREADS = "_threads"  # torch threads of the actor that annotated the row (checked against its CPUs)
+MODEL_T1 = "_model_t1"  # wall-clock time its batch's model work ended (the run's end-to-end window)
+WARMUP = "_warmup"  # True for rows of an actor's first call (int8 calibration, lazy init: not steady)
 _INPUT_ONLY = (PIXELS, PIX_H, PIX_W)
 _BUILDER_MODULES = ("mnv3", "mnv3.mobilenetv3", "mnv3.detection", "mnv3.segmentation")
 # Above this many logit values, segmentation takes the argmax at model resolution and
@@ -90,8 +96,8 @@ def _quantization_note(spec: TaskSpec) -> str:
         engine = choose_engine()
     except Exception:  # noqa: BLE001 - lineage must not fail on an engine probe
         engine = "unknown"
-    how = ("QAT checkpoint or PTQ calibrated per actor on its first batch" if spec.task == "classify"
-           else "mnv3.quantization.quantize_for_inference")
+    how = ("an int8 artifact (mnv3-pipeline quantize) or a QAT checkpoint when the weights are one, else "
+           "post-training static quantization calibrated per actor on its first batch")
     return f"int8 ({engine} engine; {how})"
 
 
@@ -183,43 +189,83 @@ def build_model(spec: TaskSpec, storage_options: Mapping[str, Any] | None = None
     return model
 
 
-def _is_qat_checkpoint(weights: str) -> bool:
+def _local_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def checkpoint_kind(weights: str) -> str:
+    """``"int8_artifact"`` (made by ``mnv3-pipeline quantize``), ``"qat"`` (a quantization-aware
+    checkpoint such as the official quantized Large) or ``"float"``: decides how int8 is built."""
     from mnv3.weights import read_state_dict, resolve
 
     uri, _ = resolve(weights)
-    sd, _ = read_state_dict(uri)
-    return any(".activation_post_process." in k or ".weight_fake_quant." in k for k in sd)
+    if "://" not in uri or uri.startswith("file://"):
+        with open(_local_path(uri), "rb") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+        if isinstance(obj, Mapping) and obj.get("format") == "mnv3-int8":
+            return "int8_artifact"
+        sd = obj
+    else:
+        sd, _ = read_state_dict(uri, sha256="")
+    if isinstance(sd, Mapping) and any(".activation_post_process." in k or ".weight_fake_quant." in k
+                                       for k in sd):
+        return "qat"
+    return "float"
 
 
 def build_int8(spec: TaskSpec, kwargs: Mapping[str, Any]) -> torch.nn.Module:
-    """The int8 model of a task, from ``mnv3.quantization``.
+    """The int8 model of a task, from ``mnv3.quantization``, for every task.
 
-    Classification: a QAT checkpoint (e.g. the official quantized Large) is converted as it
-    loads; float (or no) weights get post-training quantization: the model is returned
-    prepared (observers attached, ``needs_calibration = True``) and the bundle calibrates it
-    on the first batch of images it sees, then converts it. Detection and segmentation use
-    ``mnv3.quantization.quantize_for_inference(model, task=...)`` when that hook exists.
+    * weights that are an int8 artifact (``mnv3-pipeline quantize``): loaded as saved, which is
+      the reproducible choice (same quantization ranges on every actor);
+    * a QAT checkpoint (classification, e.g. the official quantized Large): converted on load;
+    * float weights (or none): post-training static quantization. The model is returned
+      prepared (observers attached, ``needs_calibration = True``) and the bundle calibrates it
+      on the first batch of images the actor sees, then converts it.
     """
     quant = importlib.import_module("mnv3.quantization")
-    if spec.task == "classify":
+    from mnv3.quantization.registry import build_quantizable
+
+    weights = kwargs.get("weights")
+    kind = checkpoint_kind(weights) if weights else "float"
+    if kind == "int8_artifact":
+        from mnv3.quantization.artifact import load_int8_artifact
+
+        with open(_local_path(weights), "rb") as f:
+            model, meta = load_int8_artifact(f)
+        if meta.get("builder") != spec.builder:
+            raise ValueError(f"tasks.{spec.task}.weights {spec.weights!r} is an int8 artifact of "
+                             f"{meta.get('builder')!r}, not of tasks.{spec.task}.builder {spec.builder!r}; "
+                             "set the builder to match")
+        if spec.task == "detect":
+            _apply_detector_params(model, spec)
+        return model.eval()
+    if kind == "qat":
+        if spec.task != "classify":
+            raise ValueError(f"tasks.{spec.task}.weights {spec.weights!r} is a QAT checkpoint; only "
+                             "classification loads those (use an int8 artifact from mnv3-pipeline quantize)")
         builder = getattr(quant, spec.builder)
-        weights = kwargs.get("weights")
-        qat = bool(weights) and _is_qat_checkpoint(weights)
-        model = builder(**_accepted(builder, {**kwargs, "quantize": qat}))
-        model.eval()
-        if not qat:
-            quant.prepare_ptq(model)
-            model.needs_calibration = True
-        return model
-    hook = getattr(quant, "quantize_for_inference", None)
-    if hook is None:
-        raise NotImplementedError(
-            f"tasks.{spec.task}.precision = int8 needs mnv3.quantization.quantize_for_inference, which this "
-            "installation lacks; use fp32 or bf16 for this task")
-    fn = find_builder(spec.builder)
-    model = fn(**_accepted(fn, kwargs))
+        model = builder(**_accepted(builder, {**kwargs, "quantize": True}))
+        return model.eval()
+    model = build_quantizable(spec.builder, **_accepted(find_builder(spec.builder), kwargs))
     model.eval()
-    return hook(model, task=spec.task)
+    quant.prepare_ptq(model)
+    model.needs_calibration = True
+    return model
+
+
+def _apply_detector_params(model: torch.nn.Module, spec: TaskSpec) -> None:
+    """Thresholds and sizes of the config on a detector rebuilt from an int8 artifact."""
+    det = getattr(model, "detector", model)
+    p = spec.params
+    if p.get("min_size"):
+        det.transform.min_size = (int(p["min_size"]),)
+    if p.get("max_size"):
+        det.transform.max_size = int(p["max_size"])
+    if p.get("threshold") is not None:
+        det.roi_heads.score_thresh = float(p["threshold"])
+    if p.get("top_k"):
+        det.roi_heads.detections_per_img = int(p["top_k"])
 
 
 # --------------------------------------------------------------------------- per-task runners
@@ -370,9 +416,13 @@ def output_schema(input_schema: pa.Schema) -> pa.Schema:
     fields = [f.with_nullable(True) for f in OUTPUT_SCHEMA]
     names = set(OUTPUT_SCHEMA.names)
     for f in input_schema:
-        if f.name.startswith("_") and f.name not in _INPUT_ONLY and f.name != MODEL_S and f.name not in names:
+        if (f.name.startswith("_") and f.name not in _INPUT_ONLY and f.name not in (MODEL_S, THREADS)
+                and f.name not in (MODEL_T1, WARMUP) and f.name not in names):
             fields.append(f)
     fields.append(pa.field(MODEL_S, pa.float64()))
+    fields.append(pa.field(THREADS, pa.int32()))
+    fields.append(pa.field(MODEL_T1, pa.float64()))
+    fields.append(pa.field(WARMUP, pa.bool_()))
     return pa.schema(fields)
 
 
@@ -392,6 +442,7 @@ class InferenceBundle:
         self.max_images = max(1, int(max_images))
         self.max_decoded_bytes = max(1, int(max_decoded_bytes))
         self.specs = list(tasks)
+        self.calls = 0
         cache_dir = tempfile.mkdtemp(prefix="mnv3-weights-")
         self.runners = [_RUNNERS[s.task](s, build_model(s, storage_options, cache_dir, seed))
                         for s in self.specs]
@@ -446,6 +497,10 @@ class InferenceBundle:
                 model_s[i] = share
         cols.update(results)
         cols[MODEL_S] = model_s
+        cols[THREADS] = [torch.get_num_threads()] * n
+        cols[MODEL_T1] = [time.time()] * n
+        cols[WARMUP] = [self.calls == 0] * n
+        self.calls += 1
         for name in _INPUT_ONLY:
             cols.pop(name, None)
         schema = output_schema(batch.schema)

@@ -329,6 +329,8 @@ def export_coco(output_url: str, dest_url: str, *, gt_url: str | None = None, ta
         results = segmentation_results(matched, gt, cats)
     else:
         results = classification_results(matched)
+    if not results:
+        raise ValueError(_no_results_message(output_url, task, rows, matched, gt_url))
     if gt is None:
         names = {image_id: row["image_id"] for row, image_id in matched.pairs}
         for r in results:
@@ -338,6 +340,27 @@ def export_coco(output_url: str, dest_url: str, *, gt_url: str | None = None, ta
     return {"output": dest_url, "task": task, "results": len(results), "rows": len(rows),
             "status": dict(matched.statuses), "not_in_gt": matched.not_in_gt,
             "duplicates": matched.duplicates, "unmatched_labels": dict(cats.unmatched)}
+
+
+def _no_results_message(output_url: str, task: str, rows: list[dict], matched: Matched,
+                        gt_url: str | None) -> str:
+    """Why an export found nothing (pycocotools ``loadRes`` rejects an empty list, so none is written)."""
+    column = {"detect": "det_boxes", "segment": "seg_masks", "classify": "cls_label_ids"}[task]
+    statuses = ", ".join(f"{s}: {n}" for s, n in sorted(matched.statuses.items())) or "no rows"
+    if not rows:
+        why = "the output has no rows"
+    elif gt_url and not matched.pairs:
+        why = f"no output row matches an image of {gt_url} (by file name, key or stem)"
+    elif not any(r.get(column) is not None for r in rows):
+        why = (f"no row has {column}: the run did not have the {task} task enabled (use --task with a task "
+               f"the run had, or re-run annotate with --tasks {task})")
+    elif not any(r["status"] == STATUS_OK for r in rows):
+        why = "no row has status ok"
+    else:
+        why = (f"every {task} result is empty (no boxes above the threshold, no masks, or labels not in the "
+               f"ground truth's categories)")
+    return (f"no {task} results to export from {output_url} ({len(rows)} rows; status {statuses}): {why}. "
+            f"No file was written, because pycocotools loadRes rejects an empty results list")
 
 
 # ---------------------------------------------------------------- evaluation

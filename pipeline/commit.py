@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,6 +36,50 @@ PART_PREFIX = "part-"
 COMMITTED = "committed"
 FAILED = "failed"
 TOP_ERRORS = 5
+
+
+DATE_PLACEHOLDER = "{date}"
+_DATE_RE = r"\d{4}-\d{2}-\d{2}"
+
+
+def resolve_output(template: str, date: str) -> str:
+    """An output URL with its ``{date}`` placeholder (if any) replaced by ``date`` (YYYY-MM-DD)."""
+    if not re.fullmatch(_DATE_RE, date):
+        raise ValueError(f"the date for {DATE_PLACEHOLDER} must be YYYY-MM-DD, got {date!r}")
+    check_output_template(template)
+    return template.replace(DATE_PLACEHOLDER, date)
+
+
+def check_output_template(template: str) -> None:
+    """Only ``{date}``, at most once, may appear in braces (nothing else is substituted)."""
+    rest = template.replace(DATE_PLACEHOLDER, "", 1)
+    if template.count(DATE_PLACEHOLDER) > 1 or "{" in rest or "}" in rest:
+        raise ValueError(f"output URL {template!r}: the only placeholder is {DATE_PLACEHOLDER}, once "
+                         "(e.g. s3://bucket/annotations/dt={date})")
+
+
+def dated_outputs(template: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Existing outputs of a ``{date}`` template: {date: url}, found with one listing of the
+    folder that holds the dated segment (so nightly runs can skip shards done on earlier nights)."""
+    check_output_template(template)
+    if DATE_PLACEHOLDER not in template:
+        return {}
+    head, tail = template.split(DATE_PLACEHOLDER, 1)
+    base, _, prefix = head.rpartition("/")
+    suffix, _, rest = tail.partition("/")
+    pattern = re.compile(re.escape(prefix) + f"({_DATE_RE})" + re.escape(suffix))
+    try:
+        fs, root = storage.open_fs(base or ".", storage_options)
+        fs.invalidate_cache()
+        names = [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)]
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m:
+            out[m.group(1)] = storage.join(f"{base}/{name}" if base else name, rest)
+    return dict(sorted(out.items()))
 
 
 def part_name(shard_id: str) -> str:
@@ -187,16 +232,40 @@ class OutputStore:
         storage.write_bytes_atomic(self.fs, self.path(RUNS_DIR, f"{run_id}.json"), data)
         return storage.join(self.url, RUNS_DIR, f"{run_id}.json")
 
+    def interrupted_runs(self, limit: int = 20) -> list[dict]:
+        """Reports of the latest runs that never finished (still ``status: running``: the driver was
+        killed or its node lost), newest first, up to the last run that did finish."""
+        names = self._list(RUNS_DIR, ".json")[::-1][:limit]  # run ids start with a UTC timestamp
+        out = []
+        for name in names:
+            try:
+                report = json.loads(self.fs.cat(self.path(RUNS_DIR, name)))
+            except (OSError, ValueError):
+                continue
+            if report.get("status") != "running":
+                break
+            out.append(report)
+        return out
+
 
 @dataclass
 class Selection:
-    """Which shards a run processes and why the others are skipped."""
+    """Which shards a run processes and why the others are skipped.
+
+    ``targets`` maps a shard to the store it must be written to when that is not the run's
+    own output: a shard committed on an earlier night (dated outputs) is re-done in place so
+    each image stays in exactly one dated prefix.
+    """
 
     pending: list  # ShardSpec-like objects (with .shard_id), in input order
     skipped_committed: int = 0
     retried: int = 0
     changed: int = 0
     reset: dict | None = None
+    skipped_earlier: int = 0  # of skipped_committed: committed in an earlier dated output
+    retried_ids: list = field(default_factory=list)
+    changed_ids: list = field(default_factory=list)
+    targets: dict = field(default_factory=dict)
 
 
 def _fingerprint(spec: Any) -> str | None:
@@ -205,20 +274,30 @@ def _fingerprint(spec: Any) -> str | None:
 
 
 def select_shards(specs: Sequence[Any], store: OutputStore, *, overwrite: bool = False,
-                  retry_failed: bool = False) -> Selection:
+                  retry_failed: bool = False, history: Sequence[OutputStore] = ()) -> Selection:
     """Resume logic. Default: shards without a manifest record, plus committed shards whose
     content list changed since (a grouped prefix that gained files: same id, new fingerprint).
     ``retry_failed``: also shards whose record is failed or has failed rows. ``overwrite``:
-    reset, then all shards.
+    reset, then all shards. ``history``: earlier dated outputs of the same template, oldest
+    first; a shard recorded there counts as done (the newest record wins, the run's own last).
     """
     if overwrite:
         return Selection(pending=list(specs), reset=store.reset())
-    done = store.committed_ids() & {s.shard_id for s in specs}
-    records = store.records(done) if done else {}
+    wanted = {s.shard_id for s in specs}
+    owner: dict[str, OutputStore] = {}
+    records: dict[str, ShardRecord] = {}
+    for st in [*history, store]:
+        done = st.committed_ids() & wanted
+        if done:
+            for sid, rec in st.records(done).items():
+                records[sid], owner[sid] = rec, st
     changed = {s.shard_id for s in specs if s.shard_id in records and records[s.shard_id].spec_fingerprint
                and _fingerprint(s) and records[s.shard_id].spec_fingerprint != _fingerprint(s)}
     retry = {sid for sid, rec in records.items() if rec.needs_retry} - changed if retry_failed else set()
     redo = changed | retry
-    pending = [s for s in specs if s.shard_id not in done or s.shard_id in redo]
-    return Selection(pending=pending, skipped_committed=len(done - redo), retried=len(retry),
-                     changed=len(changed))
+    pending = [s for s in specs if s.shard_id not in records or s.shard_id in redo]
+    skipped = set(records) - redo
+    return Selection(pending=pending, skipped_committed=len(skipped), retried=len(retry),
+                     changed=len(changed), skipped_earlier=sum(owner[sid] is not store for sid in skipped),
+                     retried_ids=sorted(retry), changed_ids=sorted(changed),
+                     targets={sid: owner[sid] for sid in redo if owner[sid] is not store})

@@ -19,7 +19,8 @@ import torch
 from pycocotools import mask as mask_utils
 from torch import Tensor
 
-__all__ = ["decode_masks", "encode_label_map", "label_map_from_logits", "masks_from_logits"]
+__all__ = ["decode_masks", "encode_label_map", "label_map_from_logits", "label_map_to_rles",
+           "masks_from_logits"]
 
 BAND_BYTES = 16 << 20  # float32 logits resized per band (bounds peak memory)
 
@@ -73,11 +74,13 @@ def label_map_from_logits(logits: Tensor, size: Sequence[int], band_bytes: int =
 
 
 def encode_label_map(labels: np.ndarray, names: Sequence[str] | None = None,
-                     skip: Collection[int] = ()) -> list[dict[str, Any]]:
+                     skip: Collection[int] = (), min_area: int = 0) -> list[dict[str, Any]]:
     """One COCO RLE dict per class present in the (H, W) integer ``labels``, by label id.
 
     ``names[label_id]`` fills ``label`` (None without names). Classes in ``skip`` (e.g. the
-    background, 0) are left out; ``decode_masks(..., fill=0)`` puts them back.
+    background, 0) are left out; ``decode_masks(..., fill=0)`` puts them back. Classes with
+    fewer than ``min_area`` pixels are left out too (their pixels then decode as ``fill``, so
+    the round trip is lossless only with ``min_area`` <= 1).
     """
     labels = np.asarray(labels)
     if labels.ndim != 2 or labels.dtype.kind not in "iu":
@@ -87,7 +90,7 @@ def encode_label_map(labels: np.ndarray, names: Sequence[str] | None = None,
         raise ValueError(f"label map holds negative label {int(labels.min())}; labels must be >= 0")
     height, width = labels.shape
     counts = np.bincount(labels.ravel().astype(np.int64, copy=False)) if labels.size else np.zeros(0)
-    present = [int(c) for c in np.flatnonzero(counts) if int(c) not in skip]
+    present = [int(c) for c in np.flatnonzero(counts) if int(c) not in skip and counts[c] >= min_area]
     if names is not None and present and present[-1] >= len(names):
         raise ValueError(f"label {present[-1]} has no name: only {len(names)} names were given")
     fortran = np.asfortranarray(labels)
@@ -103,6 +106,19 @@ def encode_label_map(labels: np.ndarray, names: Sequence[str] | None = None,
             "area": int(counts[label_id]),
         })
     return masks
+
+
+def label_map_to_rles(label_map: np.ndarray, labels: Sequence[str], *, min_area: int = 0,
+                      include_background: bool = False) -> list[dict[str, Any]]:
+    """``seg_masks`` entries for the annotate bundle: background (label 0) dropped unless
+    ``include_background``, classes under ``min_area`` pixels dropped, and label ids beyond
+    ``labels`` named by their id (a model with more classes than the category list must still
+    produce rows rather than fail a shard).
+    """
+    label_map = np.asarray(label_map)
+    top = int(label_map.max()) + 1 if label_map.size else 0
+    names = [str(n) for n in labels] + [str(i) for i in range(len(labels), top)]
+    return encode_label_map(label_map, names, skip=() if include_background else {0}, min_area=min_area)
 
 
 def masks_from_logits(logits: Tensor, size: Sequence[int], names: Sequence[str] | None = None,

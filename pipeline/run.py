@@ -24,19 +24,29 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import pickle
+import re
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import pyarrow as pa
 
-from pipeline.bundle import InferenceBundle, TaskSpec, draft_size_for
-from pipeline.commit import COMMITTED, OutputStore, ShardRecord, select_shards, top_errors
+from pipeline.bundle import MODEL_S, MODEL_T1, THREADS, WARMUP, InferenceBundle, TaskSpec, draft_size_for
+from pipeline.commit import (
+    COMMITTED,
+    DATE_PLACEHOLDER,
+    OutputStore,
+    ShardRecord,
+    dated_outputs,
+    select_shards,
+    top_errors,
+)
 from pipeline.schema import SCHEMA_VERSION, STATUS_DECODE_ERROR, STATUS_OK, STATUS_READ_ERROR
 
 END, TOTAL, SHARD_ERROR, DECODE_S = "_end", "_shard_total", "_shard_error", "_decode_s"
@@ -88,6 +98,10 @@ class AnnotateJob:
     retry_failed: bool = False
     config: dict = field(default_factory=dict)  # redacted config, for the report
     run_id: str | None = None
+    # The output URL as given, when it holds ``{date}`` (``output`` is then the resolved one):
+    # shards committed under earlier dates are skipped, so nightly dated runs stay incremental.
+    output_template: str | None = None
+    date: str | None = None
 
 
 @dataclass
@@ -144,6 +158,79 @@ def cluster_plan(job: AnnotateJob) -> PoolPlan:
     return plan_pool(cpus, actor_cpus=job.actor_num_cpus, max_actors=job.max_actors,
                      read_cpus=job.read_num_cpus, max_read_tasks=job.max_read_tasks,
                      largest_node_cpus=largest or None)
+
+
+# --------------------------------------------------------------------------- credentials
+
+_SECRET_KEY = re.compile(r"key|secret|token|password|passwd|credential|session|auth|signature", re.I)
+_NOT_SECRET_ENV = re.compile(r"(PATH|_MODE|_SOCK|_ID|_TYPE|_FILE|_DIR|_REGION|_URL|_ENDPOINT)$", re.I)
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@\s:]+):(?P<pw>[^/@\s]+)@")
+_QUERY_SECRET = re.compile(r"(?P<name>[?&][^=&#\s]*(?:signature|token|credential|secret|key)[^=&#\s]*=)"
+                           r"(?P<value>[^&#\s]+)", re.I)
+
+
+class Redactor:
+    """Removes credentials from everything the run writes or prints (logs, reports, Parquet).
+
+    Secrets are the values of credential-like storage options (``key``, ``secret``, ``token``, ...
+    at any depth) and of credential-like environment variables (AWS_SECRET_ACCESS_KEY,
+    AWS_SESSION_TOKEN, RAY_AUTH_TOKEN, ...), plus passwords in ``scheme://user:pass@host`` URLs
+    and signature/token query parameters (presigned URLs).
+    """
+
+    MIN_LEN = 6  # shorter values would blank out ordinary words
+
+    def __init__(self, options: Iterable[Mapping[str, Any] | None] = (),
+                 environ: Mapping[str, str] | None = None):
+        secrets: set[str] = set()
+        for opts in options:
+            _collect_secrets(opts or {}, secrets)
+        env = os.environ if environ is None else environ
+        for name, value in env.items():
+            if (_SECRET_KEY.search(name) and not _NOT_SECRET_ENV.search(name)
+                    and not (value.isalpha() and value.islower())):  # settings such as "disabled"
+                secrets.add(value)
+        self.secrets = sorted((v for v in secrets if isinstance(v, str) and len(v) >= self.MIN_LEN),
+                              key=len, reverse=True)
+
+    def text(self, value: str) -> str:
+        value = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
+        value = _QUERY_SECRET.sub(lambda m: f"{m['name']}***", value)
+        for secret in self.secrets:
+            if secret in value:
+                value = value.replace(secret, "***")
+        return value
+
+    def __call__(self, obj: Any) -> Any:
+        """``obj`` with every string (and mapping key) redacted, recursively."""
+        if isinstance(obj, str):
+            return self.text(obj)
+        if isinstance(obj, Mapping):
+            return {self(k) if isinstance(k, str) else k: self(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [self(v) for v in obj]
+        return obj
+
+
+def _collect_secrets(options: Mapping[str, Any], out: set[str]) -> None:
+    for k, v in options.items():
+        if isinstance(v, Mapping):
+            _collect_secrets(v, out)
+        elif _SECRET_KEY.search(str(k)) and isinstance(v, str):
+            out.add(v)
+
+
+class _RedactingWriter:
+    """A text stream that redacts what is written to it (the run's progress and log lines)."""
+
+    def __init__(self, out: TextIO, redact: Redactor):
+        self.out, self.redact = out, redact
+
+    def write(self, text: str) -> int:
+        return self.out.write(self.redact.text(text))
+
+    def flush(self) -> None:
+        self.out.flush()
 
 
 # --------------------------------------------------------------------------- read + decode stage
@@ -215,6 +302,7 @@ class _ShardState:
     ended: bool = False
     decode_s: float = 0.0
     model_s: float = 0.0
+    redone: int = 0  # rows that arrived twice (a read task or actor call retried by Ray), dropped
     first_seen: float = field(default_factory=time.monotonic)
 
     def complete(self) -> bool:
@@ -288,7 +376,9 @@ def run_annotate(job: AnnotateJob, *, out: TextIO | None = None) -> dict[str, An
     """Run the job on the connected Ray cluster; returns the run report (also written to storage).
 
     Raises RunError when the run cannot finish (stall past the no-progress timeout, ...);
-    the report is written in that case too, with ``status`` = "error".
+    the report is written in that case too, with ``status`` = "error". A report with
+    ``status`` = "running" is written first, so the next run can tell which shards an
+    interrupted run (killed driver, lost head node) left unfinished.
     """
     import ray
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
@@ -296,34 +386,55 @@ def run_annotate(job: AnnotateJob, *, out: TextIO | None = None) -> dict[str, An
 
     from pipeline.sources import list_shards
 
-    out = out if out is not None else sys.stderr
+    redact = Redactor([job.input_options, job.output_options, job.weights_options])
+    out = _RedactingWriter(out if out is not None else sys.stderr, redact)
     run_id = job.run_id or new_run_id()
     started = time.time()
     store = OutputStore(job.output, job.output_options)
+    history = _history(job)
+    exclude = [job.output]
+    if job.output_template:
+        exclude.append(job.output_template.split(DATE_PLACEHOLDER, 1)[0])
     specs = list_shards(job.input, storage_options=job.input_options, manifest=job.manifest,
                         images_per_shard=job.images_per_shard, image_column=job.image_column,
-                        key_column=job.key_column, exclude=[job.output])
-    selection = select_shards(specs, store, overwrite=job.overwrite, retry_failed=job.retry_failed)
+                        key_column=job.key_column, exclude=exclude)
+    selection = select_shards(specs, store, overwrite=job.overwrite, retry_failed=job.retry_failed,
+                              history=history)
     pending = selection.pending
+    if job.max_images:
+        pending = _take_until(pending, job.max_images)
+    interrupted = _interrupted(store, {s.shard_id for s in pending})
     draft_size = draft_size_for(job.tasks) if job.draft_decode else None
-    meta = lineage(job, run_id, draft_size)
+    meta = redact(lineage(job, run_id, draft_size))
     plan = cluster_plan(job)
     for note in plan.notes:
         print(f"[annotate] note: {note}", file=out)
     print(f"[annotate] run {run_id}: {len(specs)} shards listed, {selection.skipped_committed} already "
-          f"committed, {len(pending)} to process ({selection.retried} retried, {selection.changed} changed "
-          "since committed)"
+          f"committed" + (f" ({selection.skipped_earlier} under earlier dates)" if history else "")
+          + f", {len(pending)} to process ({selection.retried} retried, {selection.changed} changed "
+          "since committed"
+          + (f", {len(interrupted['shards'])} left unfinished by interrupted run(s) "
+             f"{', '.join(interrupted['runs'])}" if interrupted["shards"] else "") + ")"
           + (f"; overwrite removed {selection.reset}" if selection.reset else ""), file=out)
     print(f"[annotate] pool: up to {plan.max_actors} actor(s) x {plan.actor_cpus:g} CPU ({plan.threads} "
           f"torch thread(s)), read tasks {plan.read_cpus:g} CPU x {plan.max_read_tasks}, cluster "
           f"{plan.cluster_cpus:g} CPUs", file=out)
 
     progress = Progress(len(pending), job.progress_interval_s, out)
-    records: list[ShardRecord] = []
+    run = _RunState(records=[], states={}, done=set(), threads=set(), interrupted=interrupted)
     status, error = "ok", None
-    states: dict[str, _ShardState] = {}
     inputs = {s.shard_id: list(s.uris) for s in pending}
     spec_prints = {s.shard_id: _spec_fingerprint(s) for s in pending}
+    targets = {s.shard_id: selection.targets.get(s.shard_id, store) for s in pending}
+
+    def report_now(state: str, err: str | None) -> dict[str, Any]:
+        return redact(_report(job, run_id, started, plan, selection, specs, pending, run, state, err, meta,
+                              progress))
+
+    try:
+        store.write_report(run_id, report_now("running", None))
+    except Exception as e:  # noqa: BLE001 - an unwritable output fails the run below, with its own error
+        print(f"[annotate] could not write the run report: {type(e).__name__}: {e}", file=out)
     try:
         if pending:
             ctx = DataContext.get_current()
@@ -347,10 +458,13 @@ def run_annotate(job: AnnotateJob, *, out: TextIO | None = None) -> dict[str, An
                                        "storage_options": job.weights_options, "seed": job.seed})
             progress.tick(force=True)
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for shard_id in _absorb(batch, states):
-                    record = _commit(store, shard_id, states.pop(shard_id), meta, run_id, inputs[shard_id],
-                                     spec_prints[shard_id])
-                    records.append(record)
+                for shard_id in _absorb(batch, run):
+                    if job.max_images and progress.images >= job.max_images:
+                        break  # the limit was reached by an earlier shard of this block
+                    record = _commit(targets[shard_id], shard_id, run.states.pop(shard_id), meta, run_id,
+                                     inputs[shard_id], spec_prints[shard_id], redact)
+                    run.records.append(record)
+                    run.done.add(shard_id)
                     progress.add(record)
                     progress.tick(force=True)
                 if job.max_images and progress.images >= job.max_images:
@@ -358,19 +472,19 @@ def run_annotate(job: AnnotateJob, *, out: TextIO | None = None) -> dict[str, An
                           "not committed and will be processed by the next run)", file=out)
                     break
                 progress.tick()
-            leftover = [sid for sid, st in states.items() if st.rows or st.ended]
+            leftover = [sid for sid, st in run.states.items() if st.rows or st.ended]
             if leftover and not (job.max_images and progress.images >= job.max_images):
                 raise RunError(f"the stream ended with incomplete shards {leftover[:5]}: rows were lost "
                                "between stages; re-run to process them")
     except ExecutionTimeoutError as e:
         status, error = "error", (f"stalled: no data moved for {job.no_progress_timeout_s:g}s "
                                   f"(run.no_progress_timeout_s). Ray Data says:\n{e}")
-        raise RunError(error) from None
+        raise RunError(redact.text(error)) from None
     except BaseException as e:
         status, error = "error", f"{type(e).__name__}: {e}"
         raise
     finally:
-        report = _report(job, run_id, started, plan, selection, specs, records, status, error, meta, progress)
+        report = report_now(status, error)
         try:
             report["report_url"] = store.write_report(run_id, report)
         except Exception as e:  # noqa: BLE001 - the report must not hide the run's own error
@@ -381,21 +495,96 @@ def run_annotate(job: AnnotateJob, *, out: TextIO | None = None) -> dict[str, An
     return report
 
 
-def _absorb(batch: pa.Table, states: dict[str, _ShardState]) -> list[str]:
-    """Add one output block to the per-shard state; returns shards that just became complete."""
+def _history(job: AnnotateJob) -> list[OutputStore]:
+    """Earlier dated outputs of the job's ``{date}`` template (oldest first), not the run's own."""
+    if not job.output_template:
+        return []
+    found = dated_outputs(job.output_template, job.output_options)
+    return [OutputStore(url, job.output_options) for date, url in found.items()
+            if date != job.date and (job.date is None or date < job.date)]
+
+
+def _take_until(specs: Sequence[Any], max_images: int) -> list[Any]:
+    """``--max-images``: pending shards in order until their image count reaches ``max_images``.
+
+    Whole shards only (a shard is the unit of commit). Shards whose size is unknown before
+    reading (tar files) count as one image, so enough are scheduled; the run stops reading once
+    ``max_images`` rows are committed.
+    """
+    taken, total = [], 0
+    for spec in specs:
+        if total >= max_images:
+            break
+        taken.append(spec)
+        total += _known_size(spec)
+    return taken
+
+
+def _known_size(spec: Any) -> int:
+    if getattr(spec, "kind", None) in ("files", "uris"):
+        return max(1, len(spec.uris))
+    return 1
+
+
+def _interrupted(store: OutputStore, pending: set[str]) -> dict[str, Any]:
+    """Shards this run re-does because an earlier run of the same output stopped before them."""
+    runs, shards = [], set()
+    for report in store.interrupted_runs():
+        left = set(report.get("shards", {}).get("pending_ids", [])) & pending
+        if left:
+            runs.append(report.get("run_id"))
+            shards |= left
+    return {"runs": runs, "shards": sorted(shards)}
+
+
+@dataclass
+class _RunState:
+    records: list
+    states: dict
+    done: set  # shards committed in this run: late duplicates of their rows are dropped
+    threads: set  # torch threads seen in the actors
+    interrupted: dict
+    redone: dict = field(default_factory=dict)  # shard -> rows that arrived twice
+    warm_t: float | None = None  # wall clock when the first actor finished its warm-up call
+    steady_rows: int = 0  # rows annotated after an actor's warm-up call, and their model seconds
+    steady_model_s: float = 0.0
+
+
+def _absorb(batch: pa.Table, run: _RunState) -> list[str]:
+    """Add one output block to the per-shard state; returns shards that just became complete.
+
+    Rows can arrive twice when Ray retries a read task or an actor call (a lost node, a
+    crashed worker): duplicates are dropped by image id (also after the shard's commit) and
+    counted as redone.
+    """
     touched = set()
+    states = run.states
     for row in batch.to_pylist():
         shard_id = row["shard"]
+        if row.get(THREADS) is not None:
+            run.threads.add(int(row[THREADS]))
+        if row.get(WARMUP) and row.get(MODEL_T1) is not None:
+            run.warm_t = min(run.warm_t or math.inf, float(row[MODEL_T1]))
+        if shard_id in run.done:
+            if not row.get(END):
+                run.redone[shard_id] = run.redone.get(shard_id, 0) + 1
+            continue
         st = states.setdefault(shard_id, _ShardState())
         touched.add(shard_id)
         if row.get(END):
             st.ended, st.expected, st.error = True, int(row.get(TOTAL) or 0), row.get(SHARD_ERROR)
             continue
         if row["image_id"] in st.seen:
+            st.redone += 1
+            run.redone[shard_id] = run.redone.get(shard_id, 0) + 1
             continue
         st.seen.add(row["image_id"])
         st.decode_s += float(row.pop(DECODE_S, 0.0) or 0.0)
-        st.model_s += float(row.pop("_model_s", 0.0) or 0.0)
+        seconds = float(row.pop(MODEL_S, 0.0) or 0.0)
+        st.model_s += seconds
+        if row.get(WARMUP) is False:
+            run.steady_rows += 1
+            run.steady_model_s += seconds
         st.rows.append({k: v for k, v in row.items() if not k.startswith("_")})
     return sorted(sid for sid in touched if states[sid].complete())
 
@@ -406,13 +595,18 @@ def _spec_fingerprint(spec: Any) -> str | None:
 
 
 def _commit(store: OutputStore, shard_id: str, st: _ShardState, meta: Mapping[str, Any], run_id: str,
-            inputs: Sequence[str], spec_print: str | None) -> ShardRecord:
+            inputs: Sequence[str], spec_print: str | None, redact: Redactor) -> ShardRecord:
     stats = {"images": len(st.rows), "decode_s": round(st.decode_s, 4), "model_s": round(st.model_s, 4),
-             "wall_s": round(time.monotonic() - st.first_seen, 4)}
+             "wall_s": round(time.monotonic() - st.first_seen, 4), "rows_redone": st.redone}
+    inputs = redact(list(inputs))
     if st.error is not None:
-        return store.record_failed(shard_id, st.error, stats, run_id=run_id,
+        return store.record_failed(shard_id, redact.text(st.error), stats, run_id=run_id,
                                    fingerprint=meta["config_fingerprint"], inputs=inputs,
                                    spec_fingerprint=spec_print)
+    for row in st.rows:
+        for col in ("error", "source_uri"):
+            if row.get(col):
+                row[col] = redact.text(row[col])
     record = store.commit_shard(shard_id, st.rows, meta, stats, run_id=run_id,
                                 fingerprint=meta["config_fingerprint"], inputs=inputs,
                                 spec_fingerprint=spec_print)
@@ -422,8 +616,9 @@ def _commit(store: OutputStore, shard_id: str, st: _ShardState, meta: Mapping[st
 
 
 def _report(job: AnnotateJob, run_id: str, started: float, plan: PoolPlan, selection: Any,
-            specs: Sequence[Any], records: Sequence[ShardRecord], status: str, error: str | None,
+            specs: Sequence[Any], pending: Sequence[Any], run: _RunState, status: str, error: str | None,
             meta: Mapping[str, Any], progress: Progress) -> dict[str, Any]:
+    records = run.records
     wall = time.time() - started
     failed_shards = [r for r in records if r.status != COMMITTED]
     if status == "ok" and failed_shards:
@@ -432,27 +627,46 @@ def _report(job: AnnotateJob, run_id: str, started: float, plan: PoolPlan, selec
     model_s = sum(r.stats.get("model_s", 0.0) for r in records)
     decode_s = sum(r.stats.get("decode_s", 0.0) for r in records)
     commits = sorted(r.committed_at for r in records if r.committed_at)
-    steady = None
-    if len(commits) > 1 and commits[-1] > commits[0]:
-        first = min(records, key=lambda r: r.committed_at or 0)
-        steady = round((images - first.rows) / (commits[-1] - commits[0]), 3)
+    steady = window = model_only = overhead = None
+    actors = max(1, min(plan.max_actors, len(pending)))
+    if commits and run.warm_t is not None and commits[-1] > run.warm_t and run.steady_model_s > 0:
+        window = commits[-1] - run.warm_t
+        steady = round(run.steady_rows / window, 3)
+        model_only = run.steady_rows / run.steady_model_s * actors
+        overhead = round(100 * (1 - steady / model_only), 1)
     return {
         "run_id": run_id, "status": status, "error": error,
         "started_at": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
         "wall_s": round(wall, 3), "input": job.input, "output": job.output,
+        "output_template": job.output_template, "date": job.date,
         "shards": {"listed": len(specs), "skipped_committed": selection.skipped_committed,
-                   "pending": len(selection.pending), "retried": selection.retried,
+                   "skipped_earlier_dates": selection.skipped_earlier,
+                   "pending": len(pending), "retried": selection.retried,
                    "changed": selection.changed,
-                   "committed": len(records) - len(failed_shards), "failed": len(failed_shards)},
+                   "committed": len(records) - len(failed_shards), "failed": len(failed_shards),
+                   "pending_ids": [s.shard_id for s in pending],
+                   "failed_ids": [r.shard_id for r in failed_shards]},
+        # What was done again, and why: a scheduler or a node-loss test reads this.
+        "retries": {"retry_failed_shards": list(selection.retried_ids),
+                    "changed_shards": list(selection.changed_ids),
+                    "interrupted_runs": list(run.interrupted["runs"]),
+                    "shards_redone_after_interrupt": list(run.interrupted["shards"]),
+                    "rows_redone": sum(run.redone.values()),
+                    "shards_with_redone_rows": sorted(run.redone)},
         "images": {"total": images, "failed": sum(r.failed_rows for r in records),
                    "per_s": round(images / progress.elapsed, 3) if progress.elapsed > 0 and images else 0.0,
-                   # between the first and the last commit (actor start-up excluded)
-                   "steady_per_s": steady,
-                   # what the actors' model calls alone would sustain (same run, same cores)
-                   "model_only_per_s": round(images / model_s, 3) if model_s > 0 else None,
+                   # Steady state: from the end of the first actor's warm-up call (model build,
+                   # int8 calibration) to the last commit, rows after warm-up calls only: reading,
+                   # decoding, moving rows, post-processing and writing included.
+                   "steady_per_s": steady, "steady_window_s": round(window, 3) if window else None,
+                   # what the pool's model calls alone sustain in the same window on the same
+                   # cores (rows / their model seconds x actors; exact for a pool of one actor)
+                   "model_only_per_s": round(model_only, 3) if model_only else None,
+                   "overhead_pct": overhead,
                    "model_s": round(model_s, 3), "decode_s": round(decode_s, 3)},
         "top_errors": top_errors(e for r in records for msg, n in r.top_errors for e in [msg] * n),
-        "pool": asdict(plan), "lineage": dict(meta), "config": job.config,
+        "pool": {**asdict(plan), "actor_torch_threads": sorted(run.threads)},
+        "lineage": dict(meta), "config": job.config,
         "per_shard": [asdict(r) for r in records],
     }
 

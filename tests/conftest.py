@@ -31,7 +31,9 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": always a fresh cluster of our own, even when another Ray cluster
+        # (`ray start`) runs on this machine, which a bare ray.init() would connect to.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_no_progress_timeout_s = NO_PROGRESS_TIMEOUT_S
     ctx.enable_progress_bars = False

@@ -1,13 +1,17 @@
 """End-to-end tests of ``mnv3-pipeline annotate`` on a real local Ray cluster (real parts, tiny data).
 
-Covered: S3 in and out (moto server), the bad-input corpus in one shard plus a corrupt tar
-and a path-traversal tar, EXIF orientation and draft decode (boxes in the displayed frame,
-in original pixels), exactly-once after killing the driver, a second run doing nothing,
---retry-failed, and reading the output with pyarrow/pandas without Ray.
+Covered: S3 in and out (moto server) with no credential in logs, reports or Parquet, the
+bad-input corpus in one shard plus a corrupt tar and a path-traversal tar, EXIF orientation
+and draft decode (boxes in the displayed frame, in original pixels), all three tasks on synth
+data then export-coco + evaluate through the annotate output, --max-images and --preview,
+exactly-once after killing the driver (and the report naming what was redone), a second run
+doing nothing, --retry-failed, nightly incremental runs (growing prefix and dated
+``{date}`` outputs), 1-CPU and 2-node clusters, and reading the output without Ray.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import subprocess
@@ -18,12 +22,15 @@ from pathlib import Path
 import corpus
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import yaml
+from outputs_from_gt import perfect_rows
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from jobs.cli import main
 from pipeline.commit import MANIFEST_DIR, RUNS_DIR
-from pipeline.schema import STATUS_OK, read_metadata
+from pipeline.schema import STATUS_OK, make_table, read_metadata
 from pipeline.synth import write_dataset
 
 # Small, fast settings: Small classifier at 64 px, the 320 detector at 96 px, LR-ASPP at 64 px.
@@ -64,17 +71,26 @@ def read_parts(fs, root: str) -> list[dict]:
 # --------------------------------------------------------------------------- S3 in and out
 
 
-def test_s3_in_and_out_then_second_run_does_nothing(ray_cluster, s3_bucket, tmp_path):
+def test_s3_in_and_out_then_second_run_does_nothing(ray_cluster, s3_bucket, tmp_path, monkeypatch, capfd):
     import pyarrow.fs as pafs
     import s3fs
 
     bucket, options = s3_bucket
     secret = "SECRET-must-not-leak-42"
+    token = "ENV-TOKEN-must-not-leak-77"
+    monkeypatch.setenv("MNV3_TEST_S3_SECRET", secret)
+    monkeypatch.setenv("MNV3_TEST_SESSION_TOKEN", token)  # a credential-like variable of the environment
     opts = {**options, "key": "AKIDLEAKCHECK", "secret": secret}  # moto accepts any credentials
     write_dataset(f"{bucket}/in", images=12, shards=3, storage_options=opts, min_size=64, max_size=96)
-    cfg = write_config(tmp_path / "c.yaml", storage={"options": opts})
+    # The secret reaches the job through ${ENV} in the config; the input URL carries a password.
+    cfg = write_config(tmp_path / "c.yaml", storage={"options": {**opts, "secret": "${MNV3_TEST_S3_SECRET}"}})
     args = ["annotate", "--input", f"{bucket}/in", "--output", f"{bucket}/out", "--config", str(cfg)]
+    capfd.readouterr()
     assert main(args) == 0
+    logs = capfd.readouterr()
+    assert "[annotate]" in logs.err and "RANDOM weights" in logs.err  # the loud warning
+    for leak in (secret, token, "AKIDLEAKCHECK"):
+        assert leak not in logs.out + logs.err
 
     fs = s3fs.S3FileSystem(**opts)
     root = f"{bucket[5:]}/out"
@@ -92,10 +108,15 @@ def test_s3_in_and_out_then_second_run_does_nothing(ray_cluster, s3_bucket, tmp_
     assert report["shards"]["committed"] == 3 and report["images"]["total"] == 12
     stats = report["per_shard"][0]["stats"]
     assert {"decode_s", "model_s", "write_s", "images_per_s"} <= set(stats)
-    # No credential anywhere in what the job wrote.
+    # No credential anywhere in what the job wrote (raw bytes, Parquet values and metadata).
     for path in fs.find(root):
-        assert secret.encode() not in fs.cat(path), path
-        assert b"AKIDLEAKCHECK" not in fs.cat(path), path
+        data = fs.cat(path)
+        if path.endswith(".parquet"):
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f)
+            data += json.dumps(table.to_pylist()).encode() + str(table.schema.metadata).encode()
+        for leak in (secret, token, "AKIDLEAKCHECK"):
+            assert leak.encode() not in data, (path, leak)
 
     # pyarrow's own S3 client reads the output prefix as a dataset (ignores _manifest/, _runs/).
     host = options["endpoint_url"].split("://", 1)[1]
@@ -191,17 +212,130 @@ def test_bad_input_corpus_exif_and_retry(ray_cluster, tmp_path):
 
 
 def _read_without_ray(out: Path) -> list[dict]:
-    """Open the output with pyarrow and pandas in a fresh interpreter that never imports Ray."""
+    """Open the output directory in a fresh interpreter that never imports Ray: pyarrow.dataset
+    always, pandas and DuckDB when installed (each must see the same rows)."""
     code = (
-        "import json, sys, pandas as pd, pyarrow.dataset as ds\n"
+        "import json, sys, pyarrow.dataset as ds\n"
         f"t = ds.dataset({str(out)!r}, format='parquet').to_table()\n"
-        f"df = pd.read_parquet({str(out)!r})\n"
-        "assert len(df) == t.num_rows and 'ray' not in sys.modules\n"
-        "print(json.dumps(t.to_pylist()))\n"
     )
+    if importlib.util.find_spec("pandas"):
+        code += f"import pandas as pd\nassert len(pd.read_parquet({str(out)!r})) == t.num_rows\n"
+    if importlib.util.find_spec("duckdb"):
+        query = f"select count(*) from read_parquet('{out}/part-*.parquet')"
+        code += f"import duckdb\nassert duckdb.sql({query!r}).fetchone()[0] == t.num_rows\n"
+    code += "assert 'ray' not in sys.modules\nprint(json.dumps(t.to_pylist()))\n"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
+
+
+# --------------------------------------------------------------------------- the bundle alone (no Ray)
+
+
+def test_bundle_int8_tasks_threads_and_byte_bounded_batches():
+    """int8 for classify and segment (PTQ calibrated on the first batch), torch threads set to
+    the actor's CPUs, model calls bounded by decoded bytes, and one bad model call per group."""
+    import pyarrow as pa
+    import torch
+
+    from mnv3.categories import get_categories
+    from pipeline.bundle import InferenceBundle, TaskSpec
+
+    rng = np.random.default_rng(0)
+    sizes = [(40, 50), (64, 48), (30, 30), (50, 40)]
+    rows = []
+    for i, (h, w) in enumerate(sizes):
+        pixels = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        rows.append({"image_id": f"s/{i}", "key": str(i), "source_uri": "x", "shard": "s", "width": w * 2,
+                     "height": h * 2, "status": STATUS_OK, "error": None, "_pixels": pixels.tobytes(),
+                     "_pix_h": h, "_pix_w": w})  # a 2x draft decode: outputs in original pixels
+    specs = [TaskSpec(task="classify", builder="mobilenet_v3_small", precision="int8",
+                      labels=tuple(get_categories("imagenet1k")),
+                      params={"resize_size": 40, "crop_size": 32, "top_k": 2}),
+             TaskSpec(task="segment", builder="lraspp_mobilenet_v3_large", precision="int8",
+                      labels=tuple(get_categories("voc21")), params={"resize_size": 32})]
+    before = torch.get_num_threads()
+    try:
+        bundle = InferenceBundle(specs, num_threads=2, max_images=8, max_decoded_bytes=16_000)
+        assert torch.get_num_threads() == 2
+        out = bundle(pa.Table.from_pylist(rows)).to_pylist()
+    finally:
+        torch.set_num_threads(before)
+    assert bundle.groups([0, 1, 2, 3], [len(r["_pixels"]) for r in rows]) == [[0, 1], [2, 3]]
+    for runner in bundle.runners:  # converted after calibration: int8 kernels inside
+        assert any(".quantized" in type(m).__module__ for m in runner.model.modules()), runner.spec.task
+    for row, (h, w) in zip(out, sizes):
+        assert row["status"] == STATUS_OK and len(row["cls_labels"]) == 2 and row["_threads"] == 2
+        for m in row["seg_masks"]:
+            assert m["size"] == [h * 2, w * 2]
+            decoded = mask_utils.decode({"size": m["size"], "counts": m["counts"].encode()})
+            assert decoded.shape == (h * 2, w * 2) and int(decoded.sum()) == m["area"]
+
+
+# --------------------------------------------------------------------------- three tasks, COCO round trip
+
+
+def test_three_tasks_max_images_preview_then_coco_round_trip(ray_cluster, tmp_path, capsys):
+    from pycocotools.coco import COCO
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_dataset(str(src), images=6, shards=3, min_size=64, max_size=112)
+    cfg = write_config(tmp_path / "c.yaml")
+    args = ["annotate", "--input", str(src), "--output", str(out), "--config", str(cfg),
+            "--tasks", "classify,detect,segment"]
+    assert main(args + ["--max-images", "3"]) == 0  # whole shards: 2 of 3 shards (4 images)
+    first = json.loads(sorted((out / RUNS_DIR).glob("*.json"))[-1].read_text())
+    assert first["images"]["total"] == 4 and first["shards"]["committed"] == 2
+    assert main(args + ["--preview", "2"]) == 0
+    report = json.loads(sorted((out / RUNS_DIR).glob("*.json"))[-1].read_text())
+    assert report["shards"]["committed"] == 1 and report["shards"]["skipped_committed"] == 2
+    assert report["pool"]["actor_torch_threads"] == [report["pool"]["threads"]]
+    assert {m["task"] for m in report["lineage"]["models"]} == {"classify", "detect", "segment"}
+
+    rows = _read_without_ray(out)
+    assert len(rows) == 6 and all(r["status"] == STATUS_OK for r in rows)
+    for r in rows:
+        w, h = r["width"], r["height"]
+        assert len(r["cls_labels"]) == 3 and r["det_boxes"] and r["seg_masks"] is not None
+        boxes = np.array(r["det_boxes"])  # xyxy in original pixels
+        assert (boxes[:, 0] <= boxes[:, 2]).all() and (boxes[:, 1] <= boxes[:, 3]).all()
+        assert boxes.min() >= 0 and boxes[:, 2].max() <= w and boxes[:, 3].max() <= h
+        for m in r["seg_masks"]:
+            decoded = mask_utils.decode({"size": m["size"], "counts": m["counts"].encode()})
+            assert decoded.shape == (h, w) and int(decoded.sum()) == m["area"] > 0
+    index = (out / "_preview" / "index.html").read_text()
+    assert index.count("<img ") == 2 and len(list((out / "_preview").glob("*.jpg"))) == 2
+
+    # Ground truth as predictions, written into the annotate job's own files (same ids, keys,
+    # sizes, metadata): export-coco + evaluate must give a perfect score.
+    gt_path = src / "annotations.json"
+    perfect = {r["key"]: r for r in perfect_rows(json.loads(gt_path.read_text()), str(src))}
+    for part in out.glob("part-*.parquet"):
+        table = pq.read_table(part)
+        fixed = []
+        for r in table.to_pylist():
+            gt = perfect[r["key"]]
+            assert (r["width"], r["height"]) == (gt["width"], gt["height"])
+            fixed.append({**r, **{k: gt[k] for k in ("det_boxes", "det_label_ids", "det_labels",
+                                                     "det_scores", "seg_masks")}})
+        pq.write_table(make_table(fixed, read_metadata(table.schema)), part)
+    results = tmp_path / "results.json"
+    assert main(["export-coco", "--input", str(out), "--output", str(results), "--gt", str(gt_path)]) == 0
+    assert COCO(str(gt_path)).loadRes(str(results))
+    metrics_path = tmp_path / "metrics.json"
+    assert main(["evaluate", "--input", str(out), "--gt", str(gt_path), "--output", str(metrics_path)]) == 0
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
+    assert metrics["semantic"]["mIoU"] == pytest.approx(1.0)
+    # Outputs without detections: export-coco says so clearly instead of writing an empty list.
+    capsys.readouterr()
+    for part in out.glob("part-*.parquet"):
+        table = pq.read_table(part)
+        pq.write_table(make_table([{**r, "det_boxes": None, "det_label_ids": None, "det_labels": None,
+                                    "det_scores": None} for r in table.to_pylist()],
+                                  read_metadata(table.schema)), part)
+    assert main(["export-coco", "--input", str(out), "--output", str(tmp_path / "none.json")]) == 2
+    assert "no detect results" in capsys.readouterr().err and not (tmp_path / "none.json").exists()
 
 
 # --------------------------------------------------------------------------- exactly once
@@ -237,6 +371,13 @@ def test_killed_driver_then_rerun_gives_every_image_exactly_once(ray_cluster, tm
     report = json.loads(sorted((out / RUNS_DIR).glob("*.json"))[-1].read_text())
     assert report["shards"]["skipped_committed"] == committed
     assert report["shards"]["committed"] == 16 - committed
+    # The report names the killed run and the shards it left unfinished (re-done here).
+    retries = report["retries"]
+    assert len(retries["interrupted_runs"]) == 1 and retries["interrupted_runs"][0] != report["run_id"]
+    assert sorted(retries["shards_redone_after_interrupt"]) == sorted(report["shards"]["pending_ids"])
+    assert len(retries["shards_redone_after_interrupt"]) == 16 - committed
+    im = report["images"]  # steady end to end (after warm-up -> last commit) vs the same window's model time
+    assert 0 < im["steady_per_s"] <= im["model_only_per_s"] and im["overhead_pct"] >= 0
     ids = []
     for part in out.glob("part-*.parquet"):
         ids += pq.read_table(part, columns=["image_id"]).column("image_id").to_pylist()
@@ -246,19 +387,37 @@ def test_killed_driver_then_rerun_gives_every_image_exactly_once(ray_cluster, tm
     assert main(args) == 0  # a second complete run does nothing
     report = json.loads(sorted((out / RUNS_DIR).glob("*.json"))[-1].read_text())
     assert report["shards"]["pending"] == 0 and report["images"]["total"] == 0
+    assert report["retries"]["interrupted_runs"] == []  # the finished re-run closed the story
 
 
 def test_nightly_growing_prefix_processes_only_new_shards(ray_cluster, tmp_path):
-    src, out = tmp_path / "in", tmp_path / "out"
+    import pyarrow.dataset as pads
+
+    src, out, dated = tmp_path / "in", tmp_path / "out", tmp_path / "dated"
     write_dataset(str(src / "day1"), images=4, shards=2, min_size=64, max_size=96)
     cfg = write_config(tmp_path / "c.yaml")
     args = ["annotate", "--input", str(src), "--output", str(out), "--config", str(cfg)]
+    nightly = ["annotate", "--input", str(src), "--output", str(dated / "dt={date}"), "--config", str(cfg)]
     assert main(args) == 0
+    assert main(nightly + ["--date", "2026-01-01"]) == 0
     write_dataset(str(src / "day2"), images=4, shards=2, seed=1, min_size=64, max_size=96)
     assert main(args) == 0
     report = json.loads(sorted((out / RUNS_DIR).glob("*.json"))[-1].read_text())
     assert report["shards"]["skipped_committed"] == 2 and report["shards"]["committed"] == 2
     assert pq.read_table(out).num_rows == 8
+
+    # Dated outputs: the second night writes only the new shards, under its own date.
+    assert main(nightly + ["--date", "2026-01-02"]) == 0
+    day2 = dated / "dt=2026-01-02"
+    report = json.loads(next((day2 / RUNS_DIR).glob("*.json")).read_text())
+    assert report["shards"]["skipped_earlier_dates"] == 2 and report["shards"]["committed"] == 2
+    assert report["output_template"].endswith("dt={date}") and report["date"] == "2026-01-02"
+    table = pads.dataset(str(dated), format="parquet", partitioning="hive").to_table()
+    ids = table.column("image_id").to_pylist()
+    assert len(ids) == 8 == len(set(ids))
+    assert sorted(set(table.column("dt").to_pylist())) == ["2026-01-01", "2026-01-02"]
+    assert main(nightly + ["--date", "2026-01-03", "--tasks", "bogus"]) == 2
+    assert not (dated / "dt=2026-01-03").exists()
 
 
 # --------------------------------------------------------------------------- pool sizing, 1 CPU and 2 nodes
@@ -275,6 +434,13 @@ def test_pool_plan_never_takes_the_read_cpu():
     assert big.max_actors == 7 and big.threads == 2
     capped = plan_pool(2.0, actor_cpus=4.0, max_actors=5)
     assert capped.actor_cpus == 1.75 and capped.max_actors == 1 and capped.notes
+    # The same config on 200 CPUs (12 nodes of 16 + a head with 8): the pool grows, reads still fit.
+    wide = plan_pool(200.0, largest_node_cpus=16.0)
+    assert wide.max_actors == 199 and wide.actor_cpus == 1.0 and wide.max_read_tasks == 200
+    fat = plan_pool(200.0, actor_cpus=4.0, largest_node_cpus=16.0)
+    assert fat.max_actors == 49 and fat.threads == 4 and not fat.notes
+    too_big = plan_pool(200.0, actor_cpus=32.0, largest_node_cpus=16.0)
+    assert too_big.actor_cpus == 16.0 and too_big.notes  # an actor must fit on one node
 
 
 _CLUSTER_SCRIPT = """
@@ -315,3 +481,20 @@ def test_one_cpu_cluster_then_two_node_cluster(tmp_path):
     report = json.loads(next((out2 / RUNS_DIR).glob("*.json")).read_text())
     assert report["pool"]["cluster_cpus"] == 2.0
 
+
+
+def test_measure_end_to_end_rows(ray_cluster, tmp_path):
+    """The function the benchmark command calls: one row per (bundle, storage), in-run ratio."""
+    from mnv3.categories import get_categories
+    from pipeline.bundle import TaskSpec
+    from pipeline.overhead import format_rows, measure_end_to_end
+
+    labels = tuple(get_categories("imagenet1k"))
+    tiny = [TaskSpec(task="classify", builder="mobilenet_v3_small", labels=labels,
+                     params={"resize_size": 72, "crop_size": 64, "top_k": 1})]
+    rows = measure_end_to_end({"tiny": tiny}, storages=("local",), images=12, shards=3, image_size=(64, 96),
+                              model_only_images=8, workdir=str(tmp_path))
+    (row,) = rows
+    assert row["bundle"] == "tiny" and row["storage"] == "local" and row["images"] == 12
+    assert row["actors"] == 1 and row["threads_per_actor"] == 1 and row["model_only_separate_img_s"] > 0
+    assert row["e2e_whole_run_img_s"] > 0 and "tiny" in format_rows(rows)

@@ -9,13 +9,23 @@ import pytest
 from PIL import Image
 
 from jobs.cli import main
-from pipeline.benchmark import CASES, BenchmarkConfig, Case, format_table, run_benchmark, select_cases
+from pipeline.benchmark import (
+    CASES,
+    ROW_PROVIDERS,
+    BenchmarkConfig,
+    Case,
+    format_table,
+    register_rows,
+    run_benchmark,
+    select_cases,
+)
 
 
 def test_benchmark_quick_cli(tmp_path, capsys):
     report_path, png_path = tmp_path / "report.json", tmp_path / "chart.png"
     rc = main(["benchmark", "--quick", "--models", "mobilenet_v3_small", "--modes", "fp32,channels_last,int8",
-               "--batch-sizes", "1,2", "--output", str(report_path), "--plot", str(png_path)])
+               "--batch-sizes", "1,2", "--clock", "cpu", "--output", str(report_path),
+               "--plot", str(png_path)])
     assert rc == 0
     report = json.loads(report_path.read_text())
     rows = report["rows"]
@@ -23,9 +33,13 @@ def test_benchmark_quick_cli(tmp_path, capsys):
                                                        for b in (1, 2)}
     for r in rows:
         assert r["error"] is None, r["error"]
+        assert r["kind"] == "model" and r["clock"] == "cpu"
         assert r["images_per_s_per_core"] > 0 and r["peak_rss_mb"] > 0 and len(r["seconds_all"]) == 2
-        assert r["vs_fp32"] == pytest.approx(r["images_per_s"] / next(
-            f["images_per_s"] for f in rows if f["mode"] == "fp32" and f["batch"] == r["batch"]), rel=1e-2)
+        # cpu clock, 1 thread: images per CPU second of the median call
+        assert r["images_per_s_per_core"] == pytest.approx(r["batch"] / r["cpu_seconds_median"])
+        assert r["vs_fp32"] == pytest.approx(r["images_per_s_per_core"] / next(
+            f["images_per_s_per_core"] for f in rows if f["mode"] == "fp32" and f["batch"] == r["batch"]),
+            rel=1e-2)
     assert report["machine"]["threads"] == 1 and report["machine"]["quantized_engine"]
     out = capsys.readouterr().out
     assert "mobilenet_v3_small" in out and "vs fp32" in out
@@ -51,6 +65,26 @@ def test_a_failing_mode_becomes_a_row_not_a_crash():
     report = run_benchmark([case], BenchmarkConfig(modes=["fp32"], quick=True), log=lambda m: None)
     assert report["rows"][0]["error"].startswith("RuntimeError: no such model yet")
     assert "skipped" in format_table(report)
+
+
+def test_extra_row_providers_join_the_report(monkeypatch):
+    seen = {}
+
+    def end_to_end(cfg, log):
+        seen["threads"] = cfg.threads
+        return [{"kind": "end_to_end", "model": "bundle", "mode": mode, "batch": 16, "input": "jpeg",
+                 "images_per_s_per_core": rate, "images_per_s": rate} for mode, rate in (("fp32", 4.0),
+                                                                                       ("int8", 10.0))]
+
+    monkeypatch.setattr("pipeline.benchmark.ROW_PROVIDERS", dict(ROW_PROVIDERS))
+    register_rows("e2e", end_to_end)
+    report = run_benchmark([], BenchmarkConfig(threads=1), log=lambda m: None, extra=["e2e"])
+    assert seen == {"threads": 1} and report["config"]["extra"] == ["e2e"]
+    assert [(r["kind"], r["mode"], r["vs_fp32"]) for r in report["rows"]] == [("end_to_end", "fp32", 1.0),
+                                                                             ("end_to_end", "int8", 2.5)]
+    assert "end_to_end" in format_table(report)
+    with pytest.raises(ValueError, match="unknown extra benchmark rows"):
+        run_benchmark([], BenchmarkConfig(), log=lambda m: None, extra=["nope"])
 
 
 def _image_dir(tmp_path, n):

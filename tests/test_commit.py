@@ -51,3 +51,59 @@ def test_select_resume_retry_changed_and_overwrite(tmp_path):
     assert len(sel.pending) == 4 and sel.reset == {"records": 3, "parts": 2}
     assert not list(out.glob("part-*")) and not list((out / MANIFEST_DIR).glob("*.json"))
     assert (out / "notes.txt").read_text() == "not ours"
+
+
+def test_dated_outputs_and_selection_across_earlier_dates(tmp_path):
+    from pipeline.commit import dated_outputs, resolve_output
+
+    template = str(tmp_path / "out" / "dt={date}" / "ann")
+    day1 = OutputStore(resolve_output(template, "2026-01-01"))
+    a, b, c = (ShardSpec(s, "files", (f"u/{s}.jpg",)) for s in "abc")
+    day1.commit_shard("a", _rows("a", 2), {}, {}, run_id="r1", spec_fingerprint=a.fingerprint())
+    day1.commit_shard("b", _rows("b", 2, failed=1), {}, {}, run_id="r1", spec_fingerprint=b.fingerprint())
+    (tmp_path / "out" / "dt=junk").mkdir()
+    (tmp_path / "out" / "notes").mkdir()
+    found = dated_outputs(template)
+    assert list(found) == ["2026-01-01"] and found["2026-01-01"].endswith("dt=2026-01-01/ann")
+
+    day2 = OutputStore(resolve_output(template, "2026-01-02"))
+    sel = select_shards([a, b, c], day2, history=[day1])
+    assert [s.shard_id for s in sel.pending] == ["c"] and sel.skipped_earlier == 2 and not sel.targets
+    # --retry-failed re-does shard b where it was committed: one place per image across dates
+    sel = select_shards([a, b, c], day2, retry_failed=True, history=[day1])
+    assert [s.shard_id for s in sel.pending] == ["b", "c"] and sel.retried_ids == ["b"]
+    assert sel.targets["b"] is day1
+
+
+def test_output_template_is_checked():
+    import pytest
+
+    from pipeline.commit import check_output_template, resolve_output
+
+    assert resolve_output("s3://b/x/{date}/y", "2026-03-04") == "s3://b/x/2026-03-04/y"
+    assert resolve_output("s3://b/x", "2026-03-04") == "s3://b/x"
+    for bad in ("s3://b/{day}", "s3://b/{date}/{date}"):
+        with pytest.raises(ValueError, match="only placeholder"):
+            check_output_template(bad)
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        resolve_output("s3://b/{date}", "04/03/2026")
+
+
+def test_redactor_scrubs_options_env_userinfo_and_signed_urls():
+    from pipeline.run import Redactor
+
+    redact = Redactor([{"key": "AKIDEXAMPLE1", "secret": "hunter2-secret", "endpoint_url": "http://127.0.0.1:9",
+                        "client_kwargs": {"aws_session_token": "nested-token-1"}}],
+                      environ={"AWS_SECRET_ACCESS_KEY": "env-secret-99", "HOME": "/home/someone",
+                               "RAY_AUTH_TOKEN": "ray-token-123", "RAY_AUTH_MODE": "disabled",
+                               "SSH_AUTH_SOCK": "/tmp/agent.sock"})
+    text = ("cannot read s3://b/x with key AKIDEXAMPLE1 / hunter2-secret / nested-token-1 / env-secret-99 / "
+            "ray-token-123; https://bob:pa55word@host/a.jpg?X-Amz-Signature=abc123&size=2")
+    out = redact.text(text)
+    for secret in ("AKIDEXAMPLE1", "hunter2-secret", "nested-token-1", "env-secret-99", "ray-token-123",
+                   "pa55word", "abc123"):
+        assert secret not in out, secret
+    assert "http" in out and "size=2" in out and "bob:***@host" in out
+    assert redact({"a": [text], "endpoint": "http://127.0.0.1:9"})["endpoint"] == "http://127.0.0.1:9"
+    # only credential-like variables count, not settings or paths that merely share a word
+    assert not {"/home/someone", "disabled", "/tmp/agent.sock"} & set(redact.secrets)

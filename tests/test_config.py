@@ -153,3 +153,50 @@ def test_generated_reference_file_is_current():
     path = Path(__file__).resolve().parent.parent / "docs" / "config_reference.md"
     assert path.read_text() == cfgmod.render_reference(), (
         "docs/config_reference.md is stale: run `python -m jobs.config > docs/config_reference.md`")
+
+
+def test_finetune_export_sidecar_configures_the_task(tmp_path, capsys):
+    """A fine-tuned model's weights URI alone sets builder, labels, classes, sizes and sha256
+    (from its JSON sidecar); explicit settings win; the bundle then runs it."""
+    import argparse
+
+    import numpy as np
+    import pyarrow as pa
+
+    import mnv3
+    from jobs import annotate
+    from pipeline.bundle import InferenceBundle
+    from pipeline.training.export import export_model
+
+    labels = ["background", "circle", "square"]
+    weights, _ = export_model(
+        str(tmp_path / "export"), task="segment", builder="lraspp_mobilenet_v3_large",
+        state_dict=mnv3.lraspp_mobilenet_v3_large(num_classes=3).state_dict(), labels=labels,
+        categories=[{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}],
+        params={"resize_size": 96}, metrics={}, lineage={})
+    cfg = cfgmod.load(None, {"tasks.segment.weights": weights, "tasks.segment.min_area": 1})
+    defaults, notes = annotate.finetune_defaults(cfg)
+    assert notes and "lraspp_mobilenet_v3_large" in notes[0]
+    cfg = cfgmod.load(None, {"tasks.segment.weights": weights, "tasks.segment.min_area": 1,
+                             "tasks.segment.resize_size": 64}, defaults=defaults)
+    seg = cfg.tasks.segment
+    assert seg.enabled and seg.labels == labels and seg.num_classes == 3 and seg.sha256
+    assert seg.resize_size == 64 and seg.min_area == 1  # explicit settings win over the sidecar
+    ns = argparse.Namespace(input="in", output="out", manifest=None, overwrite=False, retry_failed=False,
+                            date=None)
+    job = annotate.make_job(ns, cfg)
+    spec = next(s for s in job.tasks if s.task == "segment")
+    assert spec.labels == tuple(labels) and spec.sha256 and spec.weights == weights
+
+    bundle = InferenceBundle([spec])
+    pixels = np.zeros((40, 50, 3), np.uint8)
+    row = {"image_id": "s/a", "key": "a", "source_uri": "x", "shard": "s", "width": 50, "height": 40,
+           "status": "ok", "error": None, "_pixels": pixels.tobytes(), "_pix_h": 40, "_pix_w": 50}
+    out = bundle(pa.Table.from_pylist([row])).to_pylist()[0]
+    assert out["status"] == "ok" and all(m["size"] == [40, 50] for m in out["seg_masks"])
+    assert {m["label"] for m in out["seg_masks"]} <= set(labels)
+
+    # The same file configured under the wrong task is named in the error.
+    bad = cfgmod.load(None, {"tasks.classify.weights": weights})
+    with pytest.raises(cfgmod.ConfigError, match="tasks.classify.weights .* fine-tuned segment model"):
+        annotate.finetune_defaults(bad)

@@ -17,7 +17,7 @@ import torch
 
 from jobs.finetune import run_finetune
 from pipeline.synth import write_dataset
-from pipeline.training import data, export, models, validation
+from pipeline.training import data, export, models, trainer, validation
 
 SIZES = {"min_size": 128, "max_size": 192}
 DETECT = {
@@ -96,22 +96,23 @@ def test_export_reloads_and_annotate_reproduces_the_metric(detect_run, synth, tm
     from jobs.cli import main
     from pipeline.coco import evaluate
 
+    # annotate needs nothing but the weights URI: the sidecar brings builder, classes and sizes.
     out = str(tmp_path / "annotated")
-    args = ["annotate", "--input", str(synth / "val"), "--output", out, "--tasks", "detect"]
-    for key, value in export.config_overrides(side, detect_run.weights_uri).items():
-        args += ["--set", f"{key}={json.dumps(value)}"]
-    assert main(args) == 0
+    weights = f"tasks.detect.weights={json.dumps(detect_run.weights_uri)}"
+    assert main(["annotate", "--input", str(synth / "val"), "--output", out, "--tasks", "detect",
+                 "--set", weights]) == 0
     scores = evaluate(out, str(synth / "val" / "annotations.json"))
     assert scores["bbox"]["AP50"] == pytest.approx(detect_run.metrics["map50"], abs=0.01)
 
 
 CLASSIFY = {
     "task": "classify",
+    "builder": "mobilenet_v3_small",
     "epochs": 3,
     "max_steps_per_epoch": 2,
     "batch_size": 4,
-    "resize_size": 64,
-    "crop_size": 64,
+    "resize_size": 48,
+    "crop_size": 48,
     "optimizer": "sgd",
     "lr": 0.01,
     "auto_augment": False,
@@ -121,34 +122,41 @@ CLASSIFY = {
 }
 
 
-def test_killed_worker_restarts_from_checkpoint_and_rerun_continues(synth, ray_cluster, tmp_path):
-    base = {**CLASSIFY, "train": str(synth / "train"), "val": str(synth / "val"), "output": str(tmp_path)}
-    marker = tmp_path / "killed-once"
-    # Rank 0 exits hard at step 3 (epoch 1 of 2 steps each): the group restarts from epoch 0's checkpoint.
-    result = run_finetune(
-        {**base, "max_failures": 1}, test_hooks={"_fail_at_step": 3, "_fail_marker": str(marker)}
-    )
-    assert marker.read_text().startswith("failed at step 3")
-    assert result.resumes == [0] and result.steps == 6
-    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+def test_killed_worker_restarts_from_checkpoint_and_rerun_continues(synth, ray_cluster, s3_bucket, tmp_path):
+    """Checkpoints, history and export on S3 (moto); a killed worker and a failed run both resume."""
+    import s3fs
 
-    # Same again without restarts: the run fails; re-running it by name continues from its checkpoint.
-    marker.unlink()
+    bucket, options = s3_bucket
+    output = f"{bucket}/runs"
+    base = {**CLASSIFY, "train": str(synth / "train"), "val": str(synth / "val"), "output": output}
+    marker = tmp_path / "killed"
+    # 2 steps per epoch. Rank 0 exits hard at step 3 (in epoch 1): FailureConfig(max_failures=1)
+    # restarts the worker group from epoch 0's checkpoint. It dies again at step 5 (epoch 2): no
+    # restarts are left and the run fails, leaving epoch 1's checkpoint and no export.
+    hooks = {"_fail_at_steps": [3, 5], "_fail_marker": str(marker)}
     with pytest.raises(RuntimeError, match="failed"):
-        run_finetune(
-            {**base, "max_failures": 0}, test_hooks={"_fail_at_step": 5, "_fail_marker": str(marker)}
-        )
-    (name,) = [p.name for p in tmp_path.glob("finetune-classify-*") if p.name != result.run_name]
-    resumed = run_finetune({**base, "max_failures": 0}, resume=name)
-    assert resumed.run_name == name and resumed.resumes == [1] and resumed.steps == 6
+        run_finetune({**base, "max_failures": 1}, storage_options=options, test_hooks=hooks)
+    assert (tmp_path / "killed-3").exists() and (tmp_path / "killed-5").exists()
+    fs = s3fs.S3FileSystem(**options)
+    (run_dir,) = fs.ls(output.removeprefix("s3://"))
+    name = run_dir.rsplit("/", 1)[-1]
+    assert name.startswith("finetune-classify-2") and not fs.exists(f"{run_dir}/export")
+
+    # Re-running the job with resume="auto" finds that unfinished run and finishes it.
+    resumed = run_finetune({**base, "max_failures": 0, "resume": "auto"}, storage_options=options)
+    assert resumed.run_name == name and resumed.resumes == [0, 1] and resumed.steps == 6
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
-    assert export.read_sidecar(resumed.weights_uri)["labels"][0] == "circle"
+    assert resumed.weights_uri.startswith(f"{output}/{name}/export/mobilenet_v3_small-")
+    side = export.read_sidecar(resumed.weights_uri, options)
+    assert side["labels"][0] == "circle" and side["lineage"]["epochs_done"] == 3
+    assert json.loads(fs.cat_file(f"{run_dir}/history.json")) == resumed.history
+    # A finished run is never resumed: "auto" would now start a new run.
+    assert trainer.unfinished_run(output, "classify", options) is None
 
 
 def test_cli_resume_of_unknown_run_is_an_error(tmp_path, capsys):
     from jobs.cli import main
 
-    code = main(
-        ["finetune", "--task", "classify", "--train", str(tmp_path), "--output", str(tmp_path), "--resume", "nope"]
-    )
+    args = ["finetune", "--task", "classify", "--train", str(tmp_path), "--output", str(tmp_path)]
+    code = main([*args, "--resume", "nope"])
     assert code == 2 and "cannot resume run 'nope'" in capsys.readouterr().err

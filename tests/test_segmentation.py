@@ -10,6 +10,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,17 @@ from mnv3.segmentation import (
     lraspp_mobilenet_v3_large,
     segmentation_loss,
 )
+from mnv3.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SegmentationPreset,
+    SegmentationTrainPreset,
+    normalize,
+    to_tensor,
+)
+from pipeline.masks import decode_masks, masks_from_logits
+from pipeline.synth import CATEGORIES as SYNTH_CATEGORIES
+from pipeline.synth import render_sample
 
 FIXTURES = Path(__file__).parent / "fixtures" / "segmentation"
 TOL = 1e-4  # max abs difference allowed against torchvision in float32
@@ -289,3 +301,140 @@ def test_deeplab_training_needs_batch_of_two():
     with pytest.raises(ValueError, match="batch of at least 2"):
         model(torch.rand(1, 3, 32, 32))
     assert model(torch.rand(2, 3, 32, 32))["out"].shape == (2, 3, 32, 32)
+
+
+def test_loss_trains_the_aux_head_at_half_weight():
+    torch.manual_seed(0)
+    model = deeplabv3_mobilenet_v3_large(num_classes=3, aux_loss=True).train()
+    x, target = torch.rand(2, 3, 32, 48), torch.randint(0, 3, (2, 32, 48))
+    target[:, :4] = 255
+    out = model(x)
+    loss = segmentation_loss(out, target)
+    expected = (F.cross_entropy(out["out"], target, ignore_index=255)
+                + 0.5 * F.cross_entropy(out["aux"], target, ignore_index=255))
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert model.aux_classifier[4].weight.grad.abs().sum() > 0
+    assert model.classifier[4].weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------ presets
+
+
+@pytest.mark.parametrize("size", [520, 320])
+def test_eval_presets_resize_shorter_side_with_antialias(size):
+    """The 520 preset (official eval) and the 320 low-res one: shorter side, aspect kept, no crop."""
+    preset = SegmentationPreset() if size == 520 else SegmentationPreset(resize_size=size)
+    assert preset.resize_size == size
+    img = torch.rand(3, 390, 260)  # portrait: the width is the shorter side
+    out = preset(img)
+    assert out.shape == (3, size * 390 // 260, size)
+    expected = F.interpolate(img[None], size=out.shape[-2:], mode="bilinear", align_corners=False,
+                             antialias=True)[0]
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    torch.testing.assert_close(out, (expected - mean) / std)
+
+
+def test_train_preset_moves_mask_with_pixels_and_pads_with_ignore():
+    torch.manual_seed(0)
+    img = torch.zeros(3, 30, 50)
+    img[0, :, 25:] = 1.0  # red right half ...
+    mask = torch.zeros(30, 50, dtype=torch.long)
+    mask[:, 25:] = 2  # ... labelled 2
+    preset = SegmentationTrainPreset(base_size=24, crop_size=40)  # shorter side 12..48: pads often
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    red_threshold = (0.5 - mean[0]) / std[0]
+    padded_any = False
+    for _ in range(10):
+        x, y = preset(img, mask)
+        assert x.shape == (3, 40, 40) and y.shape == (40, 40) and y.dtype == mask.dtype
+        assert set(torch.unique(y).tolist()) <= {0, 2, 255}
+        pad = y == 255  # padding is the ignore label, and black (0) before normalization
+        torch.testing.assert_close(x[:, pad], ((0 - mean) / std)[:, None].expand(3, int(pad.sum())))
+        padded_any |= bool(pad.any())
+        # away from label edges (where the antialiased image blends), label 2 is where red is
+        near_edge = _dilate(_dilate(_label_edges(y)))
+        keep = ~pad & ~near_edge
+        agree = ((x[0] > red_threshold) == (y == 2))[keep]
+        assert agree.numel() > 50 and agree.all()
+    assert padded_any
+
+
+def _label_edges(y: torch.Tensor) -> torch.Tensor:
+    edges = torch.zeros_like(y, dtype=torch.bool)
+    edges[1:] |= y[1:] != y[:-1]
+    edges[:, 1:] |= y[:, 1:] != y[:, :-1]
+    return edges
+
+
+def _dilate(m: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(m[None, None].float(), 3, stride=1, padding=1)[0, 0].bool()
+
+
+# ------------------------------------------------------------------------ training sanity
+
+
+def synth_semantic_batch(count: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized synth-shape images and their semantic label maps (0 background, category ids),
+    built from the dataset's visible instance masks (those never overlap)."""
+    images, labels = [], []
+    for index in range(count):
+        sample = render_sample(seed=0, index=index, min_size=size, max_size=size)
+        label = np.zeros((size, size), dtype=np.int64)
+        for inst in sample.instances:
+            label[inst.mask] = inst.category_id
+        images.append(normalize(to_tensor(np.array(sample.image))))
+        labels.append(torch.from_numpy(label))
+    return torch.stack(images), torch.stack(labels)
+
+
+def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    """Mean over the classes present in ``target`` of intersection / union."""
+    ious = [((pred == c) & (target == c)).sum().item() / ((pred == c) | (target == c)).sum().item()
+            for c in range(num_classes) if (target == c).any()]
+    return float(np.mean(ious))
+
+
+@pytest.fixture
+def one_thread():
+    """Backward passes with 2 OpenMP threads on a busy 2-core machine spin-wait for each other
+    (measured: 15x the CPU time of one thread); one thread keeps this test's cost predictable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_overfit_synth_shapes_miou_rises_well_above_chance(one_thread):
+    num_classes = len(SYNTH_CATEGORIES) + 1
+    x, y = synth_semantic_batch(8, 64)
+    torch.manual_seed(0)
+    model = lraspp_mobilenet_v3_large(num_classes=num_classes)
+    with torch.no_grad():
+        untrained = mean_iou(model.eval()(x)["out"].argmax(1), y, num_classes)
+    majority = mean_iou(torch.zeros_like(y), y, num_classes)  # all background: the best constant
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    losses = []
+    for _ in range(40):
+        loss = segmentation_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    # 40 steps barely move running stats at the backbone's BN momentum 0.01: re-estimate them
+    # on the same images (cumulative average) before scoring in eval mode
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        model(x)
+        logits = model.eval()(x)["out"]
+    # score through the output path: logits -> per-class RLE masks -> label maps
+    pred = torch.stack([torch.from_numpy(decode_masks(masks_from_logits(one, (64, 64))).astype(np.int64))
+                        for one in logits])
+    trained = mean_iou(pred, y, num_classes)
+    assert losses[-1] < 0.3 * losses[0], losses
+    assert untrained < 0.2 and majority < 0.2, (untrained, majority)
+    assert trained > 0.5 and trained > 3 * max(untrained, majority), (trained, untrained, majority)

@@ -8,7 +8,9 @@ those of the float blocks, so float and torchvision QAT checkpoints load key for
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -128,3 +130,49 @@ def fuse_tree(model: nn.Module, is_qat: bool | None = None) -> None:
                 fuse(m, groups, is_qat)
         elif type(m) is QuantizableSqueezeExcitation and type(m.activation) is nn.ReLU:
             m.fuse_model(is_qat)
+
+
+class TransparentWrapper(nn.Module):
+    """A wrapper whose state_dict keys are the wrapped model's, plus the wrapper's own state.
+
+    The detector and segmenter wrappers add quant/dequant stubs and observed ops around a
+    float model; checkpoints of the float model must load unchanged, so the wrapped model's
+    keys carry no prefix. Once prepared or converted, the wrapper's own modules gain state
+    (observer ranges, output scales); it is saved under their names (``quant.scale``, ...)
+    so an int8 artifact rebuilds exactly. ``_inner`` names the wrapped child.
+    """
+
+    _inner = "model"
+
+    def _own(self) -> list[str]:
+        return [n for n, m in self._modules.items() if n != self._inner and m is not None]
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "",  # type: ignore[override]
+                   keep_vars: bool = False) -> Any:
+        if args:
+            raise TypeError("state_dict takes keyword arguments only (destination=, prefix=, keep_vars=)")
+        if destination is None:
+            destination = OrderedDict()
+            destination._metadata = OrderedDict()  # type: ignore[attr-defined]
+        getattr(self, self._inner).state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for name in self._own():
+            self._modules[name].state_dict(destination=destination, prefix=f"{prefix}{name}.",
+                                           keep_vars=keep_vars)
+        return destination
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,  # type: ignore[override]
+                        assign: bool = False) -> Any:
+        own = tuple(f"{n}." for n in self._own())
+
+        def inward(key: str) -> str:
+            return key if key.startswith(own) else f"{self._inner}.{key}" if key else self._inner
+
+        remapped = OrderedDict((inward(k), v) for k, v in state_dict.items())
+        metadata = getattr(state_dict, "_metadata", None)
+        if metadata is not None:
+            remapped._metadata = OrderedDict((inward(k), v) for k, v in metadata.items())  # type: ignore
+        result = super().load_state_dict(remapped, strict=strict, assign=assign)
+        cut = len(self._inner) + 1
+        outward = [k[cut:] if k.startswith(f"{self._inner}.") else k for k in result.missing_keys]
+        unexpected = [k[cut:] if k.startswith(f"{self._inner}.") else k for k in result.unexpected_keys]
+        return type(result)(outward, unexpected)

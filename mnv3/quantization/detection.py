@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mnv3.quantization.backbone import swap_feature_layers
-from mnv3.quantization.blocks import fuse, fuse_tree, replace_relu
+from mnv3.quantization.blocks import TransparentWrapper, fuse, fuse_tree, replace_relu
 from mnv3.quantization.torch_ao import nnq, quiet, tq
 
 BUILDERS = ("fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn")
@@ -78,8 +78,10 @@ class QuantizableTwoMLPHead(nn.Module):
         fuse(self, [["fc6", "relu6"], ["fc7", "relu7"]], is_qat)
 
 
-class QuantizableDetector(nn.Module):
+class QuantizableDetector(TransparentWrapper):
     """Wraps a FasterRCNN; ``detector`` keeps its module tree (state_dict keys unchanged)."""
+
+    _inner = "detector"
 
     def __init__(self, detector: nn.Module) -> None:
         super().__init__()
@@ -100,13 +102,6 @@ class QuantizableDetector(nn.Module):
         """Quantize the backbone + FPN and the box head only; RPN and box logic stay float."""
         self.detector.backbone.qconfig = qconfig
         self.detector.roi_heads.box_head.qconfig = qconfig
-
-    # The wrapper is transparent for state_dict keys: save/load the detector's own.
-    def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        return self.detector.state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        return self.detector.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 def quantizable_detector(builder: str, **kwargs: Any) -> QuantizableDetector:

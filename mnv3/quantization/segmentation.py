@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mnv3.quantization.backbone import swap_feature_layers
-from mnv3.quantization.blocks import fuse_tree, replace_relu
+from mnv3.quantization.blocks import TransparentWrapper, fuse_tree, replace_relu
 from mnv3.quantization.torch_ao import nnq, quiet, tq
 
 BUILDERS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large")
@@ -26,8 +26,10 @@ def _upsample(x: Tensor, size: Any) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-class QuantizableSegmenter(nn.Module):
+class QuantizableSegmenter(TransparentWrapper):
     """Wraps an LRASPP or DeepLabV3 model; its module tree (and state_dict keys) are kept."""
+
+    _inner = "model"
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -75,12 +77,6 @@ class QuantizableSegmenter(nn.Module):
 
     def fuse_model(self, is_qat: bool | None = None) -> None:
         fuse_tree(self.model, is_qat)
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        return self.model.state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 def quantizable_segmenter(builder: str, **kwargs: Any) -> QuantizableSegmenter:

@@ -71,7 +71,7 @@ def compute_loss(
     if task == "detect":
         losses = model(inputs, targets)
         total = sum(losses.values())
-        return total, {k: float(v) for k, v in losses.items()}
+        return total, {k: float(v.detach()) for k, v in losses.items()}
     if task == "segment":
         from mnv3.segmentation import segmentation_loss
 
@@ -101,14 +101,44 @@ def _all_agree(flag: bool, world: int) -> bool:
     return bool(t.item() > 0)
 
 
+_SNAPSHOT = "checkpoint_manager_snapshot.json"  # what Ray Train writes once it registers a checkpoint
+_last_report_at = [0.0]  # wall time at which this process last called ray.train.report with a checkpoint
+
+
 def _maybe_fail(cfg: dict, rank: int, step: int) -> None:
-    """Test hook: rank 0 dies once (hard exit) at a given step; the marker file makes it once only."""
-    at, marker = cfg.get("_fail_at_step"), cfg.get("_fail_marker")
-    if at is None or rank != 0 or step != at or not marker or os.path.exists(marker):
+    """Test hook: rank 0 dies (hard exit) once at each step of ``_fail_at_steps``.
+
+    A marker file per step makes each death happen once. Before dying it waits (up to 60 s)
+    until Ray Train has registered the checkpoint of the last report (the controller polls
+    workers every few seconds; a worker that dies right after ``report`` can lose it), so the
+    test's expectations do not depend on machine load.
+    """
+    steps, marker = cfg.get("_fail_at_steps") or (), cfg.get("_fail_marker")
+    if rank != 0 or step not in steps or not marker or os.path.exists(f"{marker}-{step}"):
         return
-    with open(marker, "w") as f:
+    if _last_report_at[0]:
+        _wait_for_registration(_last_report_at[0], timeout=60.0)
+    with open(f"{marker}-{step}", "w") as f:
         f.write(f"failed at step {step}\n")
     os._exit(1)
+
+
+def _wait_for_registration(reported_at: float, timeout: float) -> None:
+    """Wait until Ray Train's checkpoint snapshot (in the run's storage, any filesystem) is at
+    least as new as ``reported_at``: the controller has then registered that checkpoint."""
+    import posixpath
+
+    import ray.train
+    from pyarrow import fs as pafs
+
+    storage = ray.train.get_context().get_storage()  # DeveloperAPI; only this test hook uses it
+    path = posixpath.join(storage.experiment_fs_path, _SNAPSHOT)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = storage.storage_filesystem.get_file_info(path)
+        if info.type != pafs.FileType.NotFound and info.mtime.timestamp() >= reported_at - 1.0:
+            return
+        time.sleep(0.2)
 
 
 def _decode_all(source: data.CocoSource, indices: list[int]) -> list[tuple[np.ndarray, dict]]:
@@ -232,8 +262,15 @@ def train_loop(cfg: dict) -> None:
         cfg.get("rmsprop_eps_tf", False),
         cfg.get("rmsprop_alpha", 0.9),
     )
+    budget = cfg["max_minutes"] * 60.0 if cfg.get("max_minutes") else None
+    clock = {"before": 0.0, "t0": time.perf_counter()}
+
+    def spent() -> float:
+        return clock["before"] + time.perf_counter() - clock["t0"]
+
     scheduler = optim.build_scheduler(
         optimizer,
+        progress_fn=(lambda: spent() / budget) if budget else None,
         schedule=cfg["lr_schedule"],
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
@@ -268,8 +305,7 @@ def train_loop(cfg: dict) -> None:
 
     model = prepare_model(model) if world > 1 else model
     preset = _train_preset(task, cfg)
-    budget = cfg["max_minutes"] * 60.0 if cfg.get("max_minutes") else None
-    t0 = time.perf_counter()
+    clock.update(before=elapsed_before, t0=time.perf_counter())
     primary = validation.PRIMARY_METRIC[task]
 
     for epoch in range(start_epoch, cfg["epochs"]):
@@ -315,12 +351,12 @@ def train_loop(cfg: dict) -> None:
                     flush=True,
                 )
             _maybe_fail(cfg, rank, step)
-            spent = elapsed_before + time.perf_counter() - t0
-            out_of_time = _all_agree(budget is not None and spent >= budget, world)
-            if out_of_time:
-                break
+            if budget is not None:  # the same on every rank, so the collective lines up
+                out_of_time = _all_agree(spent() >= budget, world)
+                if out_of_time:
+                    break
         last = out_of_time or epoch == cfg["epochs"] - 1
-        train_seconds = elapsed_before + time.perf_counter() - t0
+        train_seconds = spent()
         entry: dict[str, Any] = {
             "epoch": epoch,
             "step": step,
@@ -393,8 +429,10 @@ def train_loop(cfg: dict) -> None:
                     },
                     os.path.join(tmp, STATE_FILE),
                 )
+                _last_report_at[0] = time.time()
                 ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp))
         else:
             ray.train.report(report)
+        clock.update(before=train_seconds, t0=time.perf_counter())  # validation is not training time
         if out_of_time:
             break

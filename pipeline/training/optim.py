@@ -5,12 +5,14 @@ PyTorch outside (``g / (sqrt(v) + eps)``). A TF-style value is converted as
 ``eps_torch = sqrt(eps_tf)``, which matches when ``v`` is small, the regime eps exists for
 (the ImageNet recipe's eps 0.0316 is sqrt(0.001)). Schedules are per iteration: a linear
 warm-up from ``warmup_factor`` x lr, then step / multistep (in epochs), cosine or poly decay.
+Under a time budget, cosine and poly decay follow the larger of the step fraction and the
+fraction of the budget spent, so the decay ends when the budget does on any machine.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -92,8 +94,13 @@ def lr_factor(
     gamma: float = 0.1,
     milestones: Sequence[int] = (),
     power: float = 0.9,
+    progress: float | None = None,
 ) -> float:
-    """Multiplier of the base lr at iteration ``step`` (0-based); epochs are ``step // steps_per_epoch``."""
+    """Multiplier of the base lr at iteration ``step`` (0-based); epochs are ``step // steps_per_epoch``.
+
+    ``progress``: fraction of a time budget spent; cosine and poly use it when it is ahead of
+    the step fraction.
+    """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown lr schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
     warm = 1.0
@@ -107,14 +114,25 @@ def lr_factor(
     elif schedule == "cosine":
         span = max(total_steps - warmup_steps, 1)
         t = min(max(step - warmup_steps, 0) / span, 1.0)
+        t = max(t, min(progress, 1.0)) if progress is not None else t
         main = 0.5 * (1.0 + math.cos(math.pi * t))
     elif schedule == "poly":
-        main = max(1.0 - step / max(total_steps, 1), 0.0) ** power
+        t = step / max(total_steps, 1)
+        t = max(t, progress) if progress is not None else t
+        main = max(1.0 - t, 0.0) ** power
     else:
         main = 1.0
     return warm * main
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, **kwargs) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-iteration LambdaLR using :func:`lr_factor` (call ``.step()`` after every optimizer step)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, **kwargs))
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, progress_fn: Callable[[], float | None] | None = None, **kwargs
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-iteration LambdaLR using :func:`lr_factor` (call ``.step()`` after every optimizer step).
+
+    ``progress_fn``: returns the fraction of the time budget spent (or None), read at every step.
+    """
+    def factor(step: int) -> float:
+        return lr_factor(step, progress=progress_fn() if progress_fn else None, **kwargs)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,9 +1,12 @@
 """Driver side of fine-tuning: a Ray Train TorchTrainer run, then export, history and plot.
 
 Run names carry the UTC date and time (``finetune-detect-20261129-031500``), so a nightly job
-always starts a new run; passing an existing name resumes that run from its last checkpoint
-(Ray Train V2 resumes a run whose ``RunConfig(name, storage_path)`` already holds checkpoints).
-A worker failure restarts the worker group from the last checkpoint (``FailureConfig``).
+always starts a new run and never "resumes" last night's finished one. ``resume=NAME`` continues
+that run from its last checkpoint (Ray Train V2 resumes a run whose ``RunConfig(name,
+storage_path)`` already holds checkpoints); ``resume="auto"`` continues the newest *unfinished*
+run of the task under the output URL (one with checkpoints but no export yet) and starts a new
+run when there is none, so re-running an interrupted job picks up where it stopped. A worker
+failure restarts the worker group from the last checkpoint (``FailureConfig``).
 
 Layout under the output URL (local path or S3)::
 
@@ -80,9 +83,50 @@ def ray_storage(output_url: str, storage_options: Mapping[str, Any] | None) -> t
     return output_url, None
 
 
+RESUME_AUTO = "auto"
+
+
 def _run_exists(output_url: str, name: str, options: Mapping[str, Any] | None) -> bool:
     fs, root = storage.open_fs(output_url, options)
     return bool(fs.glob(storage.join(root, name, "checkpoint_*")))
+
+
+def unfinished_run(output_url: str, task: str, options: Mapping[str, Any] | None = None) -> str | None:
+    """The newest run of ``task`` under ``output_url`` that has checkpoints but no export (an
+    interrupted run), or None. Names sort by their UTC timestamp."""
+    fs, root = storage.open_fs(output_url, options)
+    if not fs.exists(root):
+        return None
+    prefix = f"finetune-{task}-"
+    names = sorted(
+        (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)), reverse=True
+    )
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        if fs.glob(storage.join(root, name, "checkpoint_*")) and not fs.exists(
+            storage.join(root, name, EXPORT_DIR)
+        ):
+            return name
+    return None
+
+
+def choose_run_name(
+    output_url: str, task: str, resume: str | None, options: Mapping[str, Any] | None = None
+) -> tuple[str, bool]:
+    """(run name, whether it continues an existing run) for ``resume`` = None, "auto" or a name."""
+    if resume == RESUME_AUTO:
+        found = unfinished_run(output_url, task, options)
+        return (found, True) if found else (new_run_name(task), False)
+    if resume:
+        if not _run_exists(output_url, resume, options):
+            raise FileNotFoundError(
+                f"cannot resume run {resume!r}: {storage.join(output_url, resume)} holds no "
+                "checkpoint; check --output and the run name (printed when a run starts), or "
+                f"use --resume {RESUME_AUTO}"
+            )
+        return resume, True
+    return new_run_name(task), False
 
 
 def fit(
@@ -96,8 +140,10 @@ def fit(
     """Train with Ray Train on ``settings["workers"]`` CPU workers, then export the model.
 
     ``settings``: the plain-value training settings read by ``pipeline.training.loop``.
-    ``resume``: an existing run name to continue. ``test_hooks``: ``_fail_at_step`` and
-    ``_fail_marker`` make rank 0 exit once at that step (used by the tests to kill a worker).
+    ``resume``: an existing run name to continue, or "auto" (the newest unfinished run of the
+    task, else a new run). ``test_hooks``: ``_fail_at_steps`` (a list of global steps) and
+    ``_fail_marker`` (a path prefix) make rank 0 exit hard once at each of those steps (used by
+    the tests to kill a worker).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -108,22 +154,14 @@ def fit(
     task = settings["task"]
     out_opts = dict(output_storage_options if output_storage_options is not None else storage_options or {})
     output = settings["output"]
-    if resume:
-        if not _run_exists(output, resume, out_opts):
-            raise FileNotFoundError(
-                f"cannot resume run {resume!r}: {storage.join(output, resume)} holds no "
-                "checkpoint; check --output and the run name (printed when a run starts)"
-            )
-        name = resume
-    else:
-        name = new_run_name(task)
+    name, continues = choose_run_name(output, task, resume, out_opts)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, num_cpus=settings.get("ray_num_cpus"))
     storage_path, storage_fs = ray_storage(output, out_opts)
     loop_cfg = {**settings, "storage_options": dict(storage_options or {}), **dict(test_hooks or {})}
     print(
-        f"[finetune] run {name}: {settings['workers']} worker(s) x {settings['cpus_per_worker']} CPU, "
-        f"output {storage.join(output, name)}",
+        f"[finetune] {'continuing' if continues else 'starting'} run {name}: {settings['workers']} "
+        f"worker(s) x {settings['cpus_per_worker']} CPU, output {storage.join(output, name)}",
         flush=True,
     )
     trainer = TorchTrainer(
