@@ -79,7 +79,9 @@ class FinetuneConfig:
     aux_loss: bool = opt(False, "DeepLabV3: train with the auxiliary head (loss x0.5, its lr x10).")
     epochs: int = opt(10, "Epochs.", minimum=1)
     max_steps_per_epoch: int | None = opt(
-        None, "Cap on steps per epoch (default: one pass over the data).", minimum=1
+        None,
+        "Steps per epoch (default: one pass over the data); more than one pass cycles the shuffled data.",
+        minimum=1,
     )
     max_minutes: float | None = opt(
         None,

@@ -22,7 +22,8 @@ _ROI_ALIGN_CHUNK_ELEMENTS = 8 * 1024 * 1024
 
 def _check_boxes(boxes: Tensor, name: str = "boxes") -> None:
     if boxes.dim() != 2 or boxes.shape[-1] != 4:
-        raise ValueError(f"{name} must be a tensor of shape [N, 4] (x1, y1, x2, y2), got {tuple(boxes.shape)}")
+        raise ValueError(f"{name} must be a tensor of shape [N, 4] (x1, y1, x2, y2), "
+                         f"got {tuple(boxes.shape)}")
 
 
 def _upcast(t: Tensor) -> Tensor:
@@ -46,10 +47,13 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     b1, b2 = _upcast(boxes1), _upcast(boxes2)
     area1 = (b1[:, 2] - b1[:, 0]) * (b1[:, 3] - b1[:, 1])
     area2 = (b2[:, 2] - b2[:, 0]) * (b2[:, 3] - b2[:, 1])
-    lt = torch.maximum(b1[:, None, :2], b2[None, :, :2])
-    rb = torch.minimum(b1[:, None, 2:], b2[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
+    # One [N, M] plane per axis (not an [N, M, 2] stack) and in-place ops: this matrix is
+    # most of the cost of NMS on a CPU.
+    w = torch.minimum(b1[:, None, 2], b2[None, :, 2]) - torch.maximum(b1[:, None, 0], b2[None, :, 0])
+    h = torch.minimum(b1[:, None, 3], b2[None, :, 3]) - torch.maximum(b1[:, None, 1], b2[None, :, 1])
+    w.clamp_(min=0)
+    h.clamp_(min=0)
+    inter = w.mul_(h)
     return inter / (area1[:, None] + area2[None, :] - inter)
 
 
@@ -122,7 +126,8 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """
     _check_boxes(boxes)
     if scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
-        raise ValueError(f"scores must have shape [{boxes.shape[0]}] to match boxes, got {tuple(scores.shape)}")
+        raise ValueError(f"scores must have shape [{boxes.shape[0]}] to match boxes, "
+                         f"got {tuple(scores.shape)}")
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
@@ -131,25 +136,34 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     return order[_greedy_keep(over)]
 
 
+# Per-category NMS costs about this many IoU-matrix entries in fixed overhead per category.
+_PER_CLASS_OVERHEAD_ENTRIES = 10_000
+
+
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """NMS applied independently per category ``idxs``; indices sorted by decreasing score.
 
-    Small inputs use one IoU matrix masked to same-category pairs (exact coordinates, no
-    offset trick); large ones loop over categories (a loop per class, not per box).
+    Either one IoU matrix masked to same-category pairs (exact coordinates, no offset trick)
+    or one NMS per category (a loop per category, not per box), whichever computes fewer
+    matrix entries: with many categories most entries of the single matrix are wasted.
+    Both give the same indices in the same order.
     """
     _check_boxes(boxes)
     n = boxes.shape[0]
     if scores.shape != (n,) or idxs.shape != (n,):
-        raise ValueError(f"scores and idxs must have shape [{n}], got {tuple(scores.shape)} and {tuple(idxs.shape)}")
+        raise ValueError(f"scores and idxs must have shape [{n}], "
+                         f"got {tuple(scores.shape)} and {tuple(idxs.shape)}")
     if n == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    if n <= _SINGLE_MATRIX_MAX_BOXES:
+    classes, counts = torch.unique(idxs, return_counts=True)
+    per_class_cost = int((counts * counts).sum()) + _PER_CLASS_OVERHEAD_ENTRIES * len(classes)
+    if n <= _SINGLE_MATRIX_MAX_BOXES and (len(classes) == 1 or n * n <= per_class_cost):
         order = torch.sort(scores, descending=True, stable=True).indices
         b, c = boxes[order], idxs[order]
         over = _strictly_above(box_iou(b, b), iou_threshold) & (c[:, None] == c[None, :])
         return order[_greedy_keep(over.triu_(diagonal=1))]
     keep_mask = torch.zeros(n, dtype=torch.bool, device=boxes.device)
-    for cls in torch.unique(idxs):
+    for cls in classes:
         members = torch.where(idxs == cls)[0]
         keep_mask[members[nms(boxes[members], scores[members], iou_threshold)]] = True
     kept = torch.where(keep_mask)[0]
@@ -168,7 +182,8 @@ def _rois_from(boxes: Tensor | list[Tensor]) -> Tensor:
         ids = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)], dim=0)
         return torch.cat([ids, cat], dim=1)
     if boxes.dim() != 2 or boxes.shape[-1] != 5:
-        raise ValueError(f"rois must have shape [K, 5] (batch index, x1, y1, x2, y2), got {tuple(boxes.shape)}")
+        raise ValueError(f"rois must have shape [K, 5] (batch index, x1, y1, x2, y2), "
+                         f"got {tuple(boxes.shape)}")
     return boxes
 
 
@@ -320,7 +335,8 @@ class MultiScaleRoIAlign(nn.Module):
         self.scales = scales
         self.map_levels = LevelMapper(int(lvl_min), int(lvl_max), self.canonical_scale, self.canonical_level)
 
-    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
+                image_shapes: list[tuple[int, int]]) -> Tensor:
         feats = [x[name] for name in self.featmap_names if name in x]
         if not feats:
             raise ValueError(f"none of the feature maps {self.featmap_names} is in the input (got {list(x)})")

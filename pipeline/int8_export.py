@@ -123,6 +123,9 @@ def quantize_to_artifact(req: QuantizeRequest, log=print) -> dict[str, Any]:
     convert(int8, engine)
     gate = evaluate_gate(task, fp32, int8, _batches(task, held_inputs, batch), req.max_drop)
     log(f"quantize: accuracy gate: {gate.summary()}")
+    if gate.extra.get("pseudo_gt_boxes") == 0:
+        log("quantize: warning: fp32 found no box with score >= 0.5 on the held-out images, so the gate "
+            "compared nothing; pass more or more typical images (or labelled ones) for a real check")
     metadata = {
         "task": task, "builder": req.builder, "builder_kwargs": dict(req.builder_kwargs),
         "backend": backend, "engine": engine, "mode": "ptq",

@@ -11,16 +11,17 @@
 # {run_date} in the command is replaced by the run date (default: today, UTC) before submission, so
 # the submission id (nightly-<name>-<date>) and annotate's dated output ({date}, resolved by annotate
 # from --date) always agree, also for a retry after midnight. Submitting a date twice does not run
-# it twice: a succeeded job with that id ends the script with 0, a running one is followed, and a
-# failed one is retried under nightly-<name>-<date>-r2, -r3, ... (annotate then skips every shard
-# committed under this date or an earlier one).
+# it twice: a succeeded job with that id ends the script with 0, a running one is followed, one that
+# ended with exit 1 or 2 ends the script with that code, and one that stopped (3) or failed before
+# its driver ran is retried under nightly-<name>-<date>-r2, -r3, ... (annotate then skips every
+# shard committed under this date or an earlier one).
 #
 # Environment: RAY_ADDRESS (the dashboard, e.g. http://127.0.0.1:8265); with token auth
 # RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (from your secret store, never from a file in the repo).
 # PYTHON selects the interpreter that has Ray (default: python3).
 set -euo pipefail
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 run_date="" name="annotate" working_dir="" dry_run=0
 while [[ $# -gt 0 ]]; do
@@ -98,6 +99,9 @@ try:
         if found.status not in DONE:
             say(f"{job_id} is already {found.status.value}; following it")
             break
+        if found.driver_exit_code in (1, 2):  # failed images or a bad command: a re-run cannot help
+            say(f"{job_id} already ended with exit code {found.driver_exit_code}; not resubmitting")
+            sys.exit(found.driver_exit_code)
         attempt += 1
         job_id = f"{base}-r{attempt}"
     seen = 0

@@ -1,7 +1,7 @@
 """Straightforward loop implementations of NMS and RoIAlign, written from the definitions.
 
 They are the yardstick for the vectorized ops in ``mnv3.ops``: property tests compare the
-two on random inputs, and ``scripts/bench_ops.py`` times them against each other.
+two on random inputs, and ``scripts/measure_detection_speed.py`` times them against each other.
 """
 
 from __future__ import annotations

@@ -134,6 +134,11 @@ def test_cli_bad_config_exits_2_before_any_work(tmp_path, capsys):
     assert not out.exists()
     code = main(["annotate", "--input", str(tmp_path / "in"), "--output", str(out), "--tasks", "clasify"])
     assert code == 2 and not out.exists()
+    code = main(["annotate", "--input", str(tmp_path / "in"), "--output", str(out / "{day}")])
+    assert code == 2 and "the only placeholder is {date}" in capsys.readouterr().err
+    dated = str(out / "{date}")
+    code = main(["annotate", "--input", str(tmp_path / "in"), "--output", dated, "--date", "1/2/26"])
+    assert code == 2 and "YYYY-MM-DD" in capsys.readouterr().err and not out.exists()
 
 
 def test_cli_print_config_hides_secrets(tmp_path):
@@ -151,8 +156,16 @@ def test_generated_reference_file_is_current():
     from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "docs" / "config_reference.md"
-    assert path.read_text() == cfgmod.render_reference(), (
-        "docs/config_reference.md is stale: run `python -m jobs.config > docs/config_reference.md`")
+    current, wanted = path.read_text(), cfgmod.render_reference()
+
+    def sections(text: str) -> dict[str, str]:
+        parts = text.split("\n### ")
+        return {p.split("\n", 1)[0]: p for p in parts[1:]}
+
+    stale = sorted(k for k in set(sections(current)) | set(sections(wanted))
+                   if sections(current).get(k) != sections(wanted).get(k))
+    assert current == wanted, (f"docs/config_reference.md is stale (sections {stale}): run "
+                               "`python -m jobs.config > docs/config_reference.md`")
 
 
 def test_finetune_export_sidecar_configures_the_task(tmp_path, capsys):

@@ -131,11 +131,30 @@ def test_budget_split_and_schedule_fit_the_budget():
     plan = demo.plan_schedule({"task": "detect", "batch_size": 4}, train_images=100, budget_s=100.0,
                               step_s=0.5)
     steps = plan["epochs"] * plan["max_steps_per_epoch"]
-    assert steps * 0.5 <= 100.0 * 0.9 and steps >= 170  # 180 steps fit; rounded per epoch
-    assert plan["epochs"] == 4 and plan["max_minutes"] == pytest.approx(100 / 60)
+    assert steps * 0.5 <= 100.0 and steps >= 196  # 200 steps fit; rounded down per epoch
+    assert plan["max_steps_per_epoch"] <= 25 and plan["max_minutes"] == pytest.approx(100 / 60)
+    long = demo.plan_schedule({"task": "detect", "batch_size": 4}, train_images=384, budget_s=600.0,
+                              step_s=0.5)
+    assert 1150 <= long["epochs"] * long["max_steps_per_epoch"] <= 1200  # not capped by the data size
+    assert long["max_steps_per_epoch"] <= 96
+    assert long["warmup_epochs"] == pytest.approx(30 / long["max_steps_per_epoch"])  # 30 warm-up steps
     slow = demo.plan_schedule({"task": "segment", "batch_size": 8}, train_images=100, budget_s=5.0,
                               step_s=30.0)
     assert slow["epochs"] == 1 and slow["max_steps_per_epoch"] == 1 and slow["warmup_epochs"] == 0.0
+
+
+def test_finetune_settings_are_valid_finetune_configs(tmp_path):
+    from jobs.finetune import resolve_settings
+
+    d = demo.DemoConfig(backbone_weights="/weights/mobilenet_v3_large-8738ca79.pth")
+    for task in ("detect", "segment", "classify"):
+        settings = demo.finetune_settings(task, d, str(tmp_path / "data"), str(tmp_path / "runs"), cpus=2)
+        resolved = resolve_settings(demo._finetune_config(settings))
+        assert resolved["task"] == task and resolved["cpus_per_worker"] == 2.0
+        assert resolved["train"] == str(tmp_path / "data" / "train")
+        assert resolved.get("init") == (d.backbone_weights if task != "classify" else None)
+    assert resolve_settings(demo._finetune_config(demo.finetune_settings(
+        "detect", demo.DemoConfig(), "d", "r", 1)))["builder"] == "fasterrcnn_mobilenet_v3_large_320_fpn"
 
 
 def _config_blocks() -> list[tuple[str, str]]:

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from param_fill import fill_model, make_input
+from PIL import Image
 
 import mnv3
+from mnv3 import ops
 from mnv3.detection import FasterRCNN
+from pipeline.synth import write_dataset
 
 FIXTURES = Path(__file__).parent / "fixtures" / "detection"
-BUILDERS = {"fpn": mnv3.fasterrcnn_mobilenet_v3_large_fpn, "320_fpn": mnv3.fasterrcnn_mobilenet_v3_large_320_fpn}
+BUILDERS = {"fpn": mnv3.fasterrcnn_mobilenet_v3_large_fpn,
+            "320_fpn": mnv3.fasterrcnn_mobilenet_v3_large_320_fpn}
 BOX_ATOL = 1e-3
 SCORE_ATOL = 1e-4
 LOSS_ATOL = 1e-4
+LOSS_RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +88,8 @@ def test_legacy_checkpoint_keys_are_renamed_on_load():
 
 def _match_detections(got: dict, want: dict, where: str) -> tuple[float, float]:
     """Same count and labels; pair each reference box with ours (same label, closest box)."""
-    assert len(got["boxes"]) == len(want["boxes"]), f"{where}: {len(got['boxes'])} vs {len(want['boxes'])} boxes"
+    assert len(got["boxes"]) == len(want["boxes"]), \
+        f"{where}: {len(got['boxes'])} vs {len(want['boxes'])} boxes"
     assert got["labels"].dtype == torch.int64
     assert sorted(got["labels"].tolist()) == sorted(want["labels"].tolist()), where
     free = torch.ones(len(got["boxes"]), dtype=torch.bool)
@@ -101,37 +110,208 @@ def _match_detections(got: dict, want: dict, where: str) -> tuple[float, float]:
 def test_detections_match_torchvision(ref, variant):
     case = ref[variant]
     model = fill_model(build(variant, True, **case["kwargs"]), gain=case["gain"], gains=case["gains"]).eval()
-    images = [make_input(n, (3, h, w)) for n, (h, w) in zip(case["image_names"], case["image_shapes"])]
+    shapes = case["image_shapes"]
+    # >= 4 sizes and aspects: a portrait one and one beyond max_size among them
+    assert len(set(shapes)) >= 4 and any(h > w for h, w in shapes)
+    assert any(max(h, w) > model.transform.max_size for h, w in shapes)
+    images = [make_input(n, (3, h, w)) for n, (h, w) in zip(case["image_names"], shapes)]
     counts = []
     for run in case["runs"]:
         with torch.no_grad():
             dets = model([images[i] for i in run["images"]])
         assert len(dets) == len(run["images"])
-        for i, got, want in zip(run["images"], dets, run["detections"]):
+        for i, got, want in zip(run["images"], dets, run["detections"], strict=True):
             assert set(got) == {"boxes", "labels", "scores"}
             _match_detections(got, want, f"{variant} image {i} of run {run['images']}")
-            counts.append(len(want["boxes"]))
+            if len(run["images"]) == 1:
+                counts.append(len(want["boxes"]))
             h, w = case["image_shapes"][i]
             if len(got["boxes"]):
                 assert float(got["boxes"][:, 2].max()) <= w and float(got["boxes"][:, 3].max()) <= h
-    assert min(counts) >= 3, "the fixture must exercise non-trivial detections"
+    # Several boxes per image on its own (in the padded batch of four the thin image keeps fewer).
+    assert len(counts) >= 4 and min(counts) >= 3, "the fixture must exercise non-trivial detections"
 
 
 @pytest.mark.parametrize("variant", ["320_fpn", "fpn"])
 def test_training_losses_match_torchvision(ref, variant):
-    """Same seed on both sides: the transform's size draw and the samplers' randperm calls
-    happen in the same order, so both implementations sample the same anchors and RoIs."""
+    """The four losses on a fixed batch (both layouts: BN for 320, FrozenBN for fpn).
+
+    The fixture samples every labelled anchor and proposal (batch sizes above any count),
+    so the losses do not hinge on which of two near-tied proposals a random draw picks;
+    the seed still aligns the transform's size draw and the samplers' randperm calls.
+    """
     case = ref[f"{variant}_train"]
-    model = fill_model(build(variant, case["frozen"], **case["kwargs"]), gain=case["gain"], gains=case["gains"])
-    model.train()
+    assert case["kwargs"]["box_batch_size_per_image"] >= 10**5
+    model = build(variant, case["frozen"], **case["kwargs"])
+    fill_model(model, gain=case["gain"], gains=case["gains"]).train()
     images = [make_input(n, (3, h, w)) for n, (h, w) in zip(case["image_names"], case["image_shapes"])]
-    targets = [{"boxes": torch.tensor(t["boxes"]), "labels": torch.tensor(t["labels"])} for t in case["targets"]]
-    torch.manual_seed(case["seed"])
-    losses = model(images, targets)
+    targets = [{"boxes": torch.tensor(t["boxes"]), "labels": torch.tensor(t["labels"])}
+               for t in case["targets"]]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(case["seed"])
+        losses = model(images, targets)
     assert set(losses) == set(case["losses"])
     for k, v in case["losses"].items():
-        assert abs(float(losses[k]) - float(v)) <= LOSS_ATOL, f"{k}: {float(losses[k])} vs {float(v)}"
+        diff = abs(float(losses[k]) - float(v))
+        assert diff <= LOSS_ATOL, f"{k}: {float(losses[k])} vs {float(v)}"
+        assert diff <= LOSS_RTOL * abs(float(v)), f"{k}: {float(losses[k])} vs {float(v)}"
     sum(losses.values()).backward()
     params = dict(model.named_parameters())
     for k, g in case["grads"].items():
-        torch.testing.assert_close(params[k].grad, g, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(params[k].grad, g, rtol=1e-3, atol=1e-3 * float(g.abs().max()))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def small_model() -> FasterRCNN:
+    """An untrained 320 detector at a small size: enough to reach every input check."""
+    return mnv3.fasterrcnn_mobilenet_v3_large_320_fpn(num_classes=4, min_size=64, max_size=96)
+
+
+def _target(boxes: list[list[float]], labels: list[int]) -> dict[str, torch.Tensor]:
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels)}
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_bad_images_get_clear_errors(small_model, mode):
+    model = small_model.train(mode == "train")
+    ok = torch.rand(3, 40, 50)
+    targets = [_target([[1, 2, 30, 20]], [1])] * 2
+    cases = [
+        ([], r"images is an empty list"),
+        ([ok, torch.rand(3, 0, 50)], r"images\[1\] has an empty dimension \(shape \(3, 0, 50\)\)"),
+        ([torch.rand(3, 40, 0), ok], r"images\[0\] has an empty dimension"),
+        ([ok, torch.rand(1, 40, 50)], r"images\[1\] has 1 channels.*expected 3"),
+        ([torch.rand(4, 40, 50), ok], r"images\[0\] has 4 channels"),
+        ([ok, torch.rand(40, 50)], r"3d tensors of shape \[C, H, W\], got images\[1\] with shape \(40, 50\)"),
+        ([ok, (ok * 255).to(torch.uint8)], r"images\[1\] has dtype torch.uint8"),
+        (torch.rand(2, 3, 40, 50), r"not one batched tensor"),
+    ]
+    for images, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model(images, targets[: len(images)] if mode == "train" else None)
+
+
+def test_bad_training_targets_get_clear_errors(small_model):
+    model = small_model.train()
+    images = [torch.rand(3, 40, 50), torch.rand(3, 30, 60)]
+    good = _target([[1, 2, 30, 20]], [1])
+    cases = [
+        (None, r"targets should not be None in training mode"),
+        ([good], r"got 1 targets for 2 images"),
+        ([good, {"boxes": good["boxes"]}], r"targets\[1\] must have 'boxes' and 'labels'"),
+        ([good, _target([[10, 5, 10, 25]], [2])],
+         r"positive height and width.*\[10.0, 5.0, 10.0, 25.0\].*target at index 1 \(box 0"),
+        ([_target([[1, 2, 30, 20], [20, 20, 10, 30]], [1, 2]), good],
+         r"positive height and width.*\[20.0, 20.0, 10.0, 30.0\].*target at index 0 \(box 1"),
+        ([good, _target([[1, 2, float("nan"), 20]], [1])], r"targets\[1\]\['boxes'\] has non-finite"),
+        ([good, {"boxes": torch.tensor([[1, 2, 3]]), "labels": torch.tensor([1])}],
+         r"shape \[N, 4\], got \(1, 3\) in targets\[1\]"),
+        ([good, {"boxes": torch.tensor([[1, 2, 30, 20]]), "labels": torch.tensor([1])}],
+         r"target boxes must be a float tensor, got torch.int64 in targets\[1\]"),
+        ([good, _target([[1, 2, 30, 20]], [4])], r"targets\[1\]\['labels'\] must be in \[0, 3\].*got 4"),
+        ([good, {"boxes": good["boxes"], "labels": torch.tensor([1.0])}], r"must be int64"),
+    ]
+    for targets, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model(images, targets)
+    # Images without any box are fine: they contribute negatives only.
+    empty = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}
+    losses = model(images, [good, empty])
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+# ----------------------------------------------------------------------------- overfit
+
+
+def _synth_images(tmp_path: Path, count: int) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """The first ``count`` images of a `synth` dataset with 2-4 shapes, each at least 24 px a side."""
+    root = tmp_path / "synth"
+    write_dataset(str(root), images=16, shards=1, seed=0, min_size=96, max_size=160)
+    coco = json.loads((root / "annotations.json").read_text())
+    anns: dict[int, list[dict]] = {}
+    for a in coco["annotations"]:
+        anns.setdefault(a["image_id"], []).append(a)
+    chosen = [im for im in coco["images"]
+              if 2 <= len(anns.get(im["id"], [])) <= 4
+              and all(min(a["bbox"][2:]) >= 24 for a in anns[im["id"]])]
+    assert len(chosen) >= count, "the synthetic dataset changed: too few images with large shapes"
+    images, targets = [], []
+    with tarfile.open(root / chosen[0]["shard"]) as tar:
+        for im in chosen[:count]:
+            data = tar.extractfile(im["file_name"]).read()
+            rgb = np.array(Image.open(io.BytesIO(data)).convert("RGB"))
+            images.append(torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0)
+            xywh = torch.tensor([a["bbox"] for a in anns[im["id"]]], dtype=torch.float32)
+            targets.append({"boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1),
+                            "labels": torch.tensor([a["category_id"] for a in anns[im["id"]]])})
+    return images, targets
+
+
+def _recalibrate_batch_norm(model: FasterRCNN, images: list[torch.Tensor]) -> None:
+    """Recompute BN running statistics on ``images`` with the final weights.
+
+    After a few dozen large steps from scratch, the running averages still mix statistics of
+    earlier weights; recomputing them on the training batch makes eval-mode normalization
+    match what the model was trained with.
+    """
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+    model.eval()
+    model.backbone.train()
+    with torch.no_grad():
+        model.backbone(model.transform(images)[0].tensors)
+    model.eval()
+
+
+def test_overfits_synthetic_shapes(tmp_path):
+    """Train from scratch on three synthetic images: losses fall and every shape is found.
+
+    One thread, a fixed seed and a learning-rate drop for the last steps keep the run
+    reproducible and its end point stable (about 20 s of CPU).
+    """
+    images, targets = _synth_images(tmp_path, 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = mnv3.fasterrcnn_mobilenet_v3_large_320_fpn(
+                num_classes=6, min_size=160, max_size=224, rpn_batch_size_per_image=64,
+                box_batch_size_per_image=32, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=64,
+                rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=64)
+            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+            schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[40], gamma=0.1)
+            model.train()
+            history = []
+            for _ in range(50):
+                losses = model(images, targets)
+                total = sum(losses.values())
+                optimizer.zero_grad()
+                total.backward()
+                optimizer.step()
+                schedule.step()
+                history.append({k: float(v) for k, v in losses.items()})
+            first, last = history[0], history[-5:]
+            mean_last = {k: sum(h[k] for h in last) / len(last) for k in first}
+            assert sum(mean_last.values()) < 0.35 * sum(first.values()), (first, mean_last)
+            assert mean_last["loss_classifier"] < 0.3 * first["loss_classifier"], (first, mean_last)
+            assert mean_last["loss_objectness"] < 0.3 * first["loss_objectness"], (first, mean_last)
+            _recalibrate_batch_norm(model, images)
+            with torch.no_grad():
+                detections = model(images)
+    finally:
+        torch.set_num_threads(threads)
+    for i, (det, target) in enumerate(zip(detections, targets, strict=True)):
+        confident = det["scores"] >= 0.3
+        boxes, labels = det["boxes"][confident], det["labels"][confident]
+        iou = ops.box_iou(target["boxes"], boxes)
+        for j, label in enumerate(target["labels"].tolist()):
+            hits = (iou[j] > 0.5) & (labels == label)
+            assert bool(hits.any()), (
+                f"image {i}: shape {j} (label {label}, box {target['boxes'][j].tolist()}) not found; "
+                f"confident detections {boxes.tolist()} {labels.tolist()}")

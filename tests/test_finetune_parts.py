@@ -324,3 +324,21 @@ def test_time_budget_drives_cosine_and_poly_decay():
     opt.step()
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+def test_detection_validation_survives_a_batch_without_proposals(shards):
+    from pipeline.training import validation
+
+    src = data.load_source(str(shards))
+    cats = data.CategoryMap.from_categories(src.categories, background=True)
+    raw = data.read_image_bytes(src, [0, 1])
+    items = [validation.ValImage(r, data.decode_rgb(raw[r["id"]])) for r in src.images[:2]]
+    torch.manual_seed(0)
+    # No objectness reaches 1.01: the RPN keeps no proposal, as early in training from scratch.
+    model, _ = models.build_model(
+        "detect", "fasterrcnn_mobilenet_v3_large_320_fpn", cats.num_classes,
+        detector_kwargs={"min_size": 64, "max_size": 96, "rpn_score_thresh": 1.01},
+    )
+    src.images = src.images[:2]
+    metrics = validation.evaluate_detection(model, items, src, cats)
+    assert metrics["detections"] == 0 and metrics["map50"] in (0.0, -1.0)

@@ -75,11 +75,12 @@ def test_int8_outputs_match_torchvision(arch, reference):
     model = qat_model_like_reference(arch, ref)
     with torch.no_grad():
         fake_quant = model(x)
-    # The same fake-quantized float graph: float rounding between torch builds can move a value
-    # across a rounding boundary, so a few logits may differ by whole steps; most are identical.
+    # The same fake-quantized float graph: float rounding (torch build, CPU, thread count) can
+    # move a value across a rounding boundary, and that step propagates, so logits differ by whole
+    # steps. Measured (Large): max 3 / mean 0.35 steps with 2 threads, max 4 / mean 0.53 with 1.
     step = ref["int8_out_scale"]["x86"]
     fq_diff = (fake_quant - ref["qat_logits"]).abs()
-    assert fq_diff.max() <= 4 * step and fq_diff.mean() < 0.5 * step
+    assert fq_diff.max() <= 6 * step and fq_diff.mean() < 1.0 * step
     for engine in ("x86", "qnnpack"):
         converted = convert_qat(model, engine)
         assert [[k, list(getattr(v, "shape", []))] for k, v in converted.state_dict().items()] == \
@@ -103,7 +104,7 @@ def test_int8_outputs_match_torchvision(arch, reference):
 def test_ptq_close_to_float_and_faster_model_is_int8():
     torch.manual_seed(0)
     model = mobilenet_v3_small(num_classes=10).eval()
-    x = torch.rand(8, 3, 96, 96)
+    x = torch.rand(8, 3, 64, 64)
     with torch.no_grad():
         ref = model(x)
     prepare_ptq(model, "x86")
@@ -130,7 +131,7 @@ def test_qat_hooks_train_then_convert():
     model = mobilenet_v3_small(num_classes=4, width_mult=0.5)
     prepare_qat(model, "x86")
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x, target = torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+    x, target = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     for _ in range(2):
         loss = torch.nn.functional.cross_entropy(model(x), target)
         opt.zero_grad()
@@ -180,6 +181,40 @@ def test_engine_follows_cpu_architecture(monkeypatch):
     assert choose_engine() == "qnnpack"
     with pytest.raises(ValueError, match="not available"):
         choose_engine("no-such-engine")
+
+
+@pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no oneDNN engine")
+def test_dilated_depthwise_convs_run_on_onednn_kernels_under_x86():
+    import copy
+
+    from mnv3.quantization.torch_ao import quiet
+
+    torch.manual_seed(0)
+    with quiet():
+        model = torch.nn.Sequential(tq.QuantStub(),
+                                    torch.nn.Conv2d(32, 32, 5, padding=4, dilation=2, groups=32),
+                                    torch.nn.Conv2d(32, 32, 3, padding=1, groups=32), tq.DeQuantStub()).eval()
+    x = torch.randn(1, 32, 20, 20)
+    prepare_ptq(model, "x86")
+    calibrate(model, [x])
+    fbgemm = copy.deepcopy(model)
+    convert(model, "x86")
+    with quiet():
+        tq.convert(fbgemm, inplace=True)  # plain torch: every conv packed for the active x86 engine
+    assert type(model[1]).__name__ == "OnednnConv2d"
+    assert type(model[2]) is type(fbgemm[2]) is torch.ao.nn.quantized.Conv2d  # not dilated: unchanged
+    assert torch.backends.quantized.engine == "x86"
+    with torch.no_grad():
+        diff = (model(x) - fbgemm(x)).abs().max()
+    assert diff <= 1.01 * model[2].scale  # the same int8 result, up to one output step
+    from mnv3.quantization.engine import pack_dilated_depthwise_for_onednn
+
+    reloaded = copy.deepcopy(fbgemm)
+    assert pack_dilated_depthwise_for_onednn(reloaded, "x86") == 1
+    reloaded.load_state_dict(model.state_dict())  # loading re-packs for oneDNN again
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+    assert pack_dilated_depthwise_for_onednn(copy.deepcopy(fbgemm), "qnnpack") == 0
 
 
 def test_torch_quantization_api_we_rely_on_exists():
@@ -255,6 +290,51 @@ def test_gate_measures_and_refuses():
     assert labelled.reference == "labels" and labelled.metric == "top1"
 
 
+def test_detection_and_segmentation_gates_measure_and_refuse():
+    from pipeline.quality_gate import QualityGateError, enforce, evaluate_gate
+
+    boxes = torch.tensor([[10.0, 10, 50, 50], [60, 20, 90, 70]])
+
+    class Detector(torch.nn.Module):  # stands in for fp32 / int8 detectors: fixed outputs
+        def __init__(self, shift: float):
+            super().__init__()
+            self.shift = shift
+
+        def forward(self, images):
+            return [{"boxes": boxes + self.shift, "labels": torch.tensor([1, 2]),
+                     "scores": torch.tensor([0.9, 0.8])} for _ in images]
+
+    images = [[torch.rand(3, 100, 100), torch.rand(3, 100, 100)]]
+    same = evaluate_gate("detection", Detector(0.0), Detector(0.5), images)
+    assert same.metric == "box_map50" and same.reference == "fp32" and same.images == 2
+    assert same.fp32 == same.int8 == 100.0 and same.passed
+    assert same.extra["pseudo_gt_boxes"] == 4 and same.extra["box_map_int8"] < 100.0  # 0.5 px off
+    moved = evaluate_gate("detection", Detector(0.0), Detector(25.0), images, max_drop=5.0)
+    assert moved.int8 == 0.0 and not moved.passed
+    with pytest.raises(QualityGateError, match="int8 refused for frcnn.*box_map50.*fp32 or bf16"):
+        enforce(moved, "frcnn")
+    targets = [{"boxes": boxes, "labels": torch.tensor([1, 2])}] * 2
+    labelled = evaluate_gate("detection", Detector(0.0), Detector(0.0), [(images[0], targets)])
+    assert labelled.reference == "labels" and labelled.metric == "box_map" and labelled.fp32 == 100.0
+
+    class Segmenter(torch.nn.Module):
+        def __init__(self, flip: bool):
+            super().__init__()
+            self.flip = flip
+
+        def forward(self, x):
+            logits = torch.stack([x[:, 0], 1 - x[:, 0], torch.zeros_like(x[:, 0])], 1)
+            return {"out": logits.flip(1) if self.flip else logits}
+
+    x = [torch.rand(2, 3, 16, 16)]
+    ok = evaluate_gate("segmentation", Segmenter(False), Segmenter(False), x)
+    assert ok.metric == "miou" and ok.fp32 == ok.int8 == 100.0 and ok.passed
+    bad = evaluate_gate("segmentation", Segmenter(False), Segmenter(True), x, max_drop=3.0)
+    assert bad.int8 < 50.0 and not bad.passed
+    with pytest.raises(QualityGateError, match="segmentation miou"):
+        enforce(bad, "lraspp")
+
+
 def test_segmentation_and_detection_metrics():
     from pipeline.quality_gate import box_map, confusion, mean_iou
 
@@ -304,7 +384,8 @@ def test_detector_int8_quantizes_backbone_fpn_and_box_head_only():
     assert d.backbone.body[4].block[0][0].weight().dtype == torch.qint8
     assert d.backbone.fpn.layer_blocks[0][0].weight().dtype == torch.qint8
     assert d.roi_heads.box_head.fc6.weight().dtype == torch.qint8
-    assert type(d.rpn.head.conv[0][0]) is torch.nn.Conv2d  # RPN stays float
+    assert d.rpn.head.conv[0][0].weight().dtype == torch.qint8  # the RPN's shared 3x3 conv + ReLU
+    assert type(d.rpn.head.cls_logits) is type(d.rpn.head.bbox_pred) is torch.nn.Conv2d  # float outputs
     assert type(d.roi_heads.box_predictor.cls_score) is torch.nn.Linear
     x = d.transform(images)[0].tensors[:1]  # normalized, resized: what the backbone sees
     with torch.no_grad():
@@ -315,16 +396,35 @@ def test_detector_int8_quantizes_backbone_fpn_and_box_head_only():
             assert fq[name].dtype == torch.float32 and _rel_err(fq[name], ff[name]) < 0.3
         pooled = torch.rand(5, 256, 7, 7)
         assert _rel_err(d.roi_heads.box_head(pooled), fp32.detector.roi_heads.box_head(pooled)) < 0.1
+        maps = [ff["0"], ff["1"]]
+        for q, f in zip(*(h(maps) for h in (d.rpn.head, fp32.detector.rpn.head))):
+            assert all(_rel_err(a, b) < 0.1 for a, b in zip(q, f))
         out = model(images)
     assert len(out) == 2 and set(out[0]) == {"boxes", "labels", "scores"}
+    import io
+
+    from mnv3.quantization.artifact import load_int8_artifact, save_int8_artifact
+
+    buf = io.BytesIO()
+    kwargs = {"min_size": 96, "max_size": 128}
+    meta = {"builder": "fasterrcnn_mobilenet_v3_large_320_fpn", "builder_kwargs": kwargs, "backend": "x86",
+            "engine": "x86", "mode": "ptq"}
+    save_int8_artifact(buf, model, meta)
+    buf.seek(0)
+    loaded, meta = load_int8_artifact(buf)
+    assert meta["task"] == "detection"
+    with torch.no_grad():
+        again = loaded(images)
+    for a, b in zip(again, out):
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # Random-like filled weights accumulate int8 error through the 17 dilated layers (no trained
-# structure to lean on); measured: LR-ASPP rel. error 0.37 / argmax agreement 0.66, DeepLabV3
-# 0.18 / 0.96. A broken quantization (wrong scales, a float part fed int8) gives ~1 / ~0.05.
+# structure to lean on); measured at 64x64: LR-ASPP rel. error 0.27 / argmax agreement 0.72,
+# DeepLabV3 0.22 / 0.88. A broken quantization (wrong scales, a float part fed int8) gives ~1 / ~0.05.
 @pytest.mark.parametrize("builder,kwargs,max_err,min_agree", [
-    ("lraspp_mobilenet_v3_large", {}, 0.5, 0.55),
-    ("deeplabv3_mobilenet_v3_large", {"aux_loss": True}, 0.3, 0.85)])
+    ("lraspp_mobilenet_v3_large", {}, 0.4, 0.6),
+    ("deeplabv3_mobilenet_v3_large", {"aux_loss": True}, 0.35, 0.75)])
 def test_segmenter_int8_close_to_fp32_and_artifact_round_trip(builder, kwargs, max_err, min_agree):
     import copy
     import io
@@ -334,11 +434,13 @@ def test_segmenter_int8_close_to_fp32_and_artifact_round_trip(builder, kwargs, m
 
     model = fill_model(quantizable_segmenter(builder, **kwargs), gain=SEGMENTER_GAIN)
     fp32 = copy.deepcopy(model)
-    x = make_input("quant/seg", (2, 3, 96, 96), -2.0, 2.0)
+    x = make_input("quant/seg", (2, 3, 64, 64), -2.0, 2.0)
     prepare_ptq(model, "x86")
     calibrate(model, [x])
     convert(model, "x86")
     assert getattr(model.model.backbone, "4").block[0][0].weight().dtype == torch.qint8
+    dilated_dw = [n for n, m in model.named_modules() if type(m).__name__ == "OnednnConv2d"]
+    assert dilated_dw == [f"model.backbone.{i}.block.1.0" for i in (13, 14, 15)]
     head = model.model.classifier
     if kwargs:  # DeepLabV3: ASPP branches, projection and classifier are int8
         assert head[0].convs[1][0].weight().dtype == head[4].weight().dtype == torch.qint8
@@ -349,7 +451,7 @@ def test_segmenter_int8_close_to_fp32_and_artifact_round_trip(builder, kwargs, m
     with torch.no_grad():
         q, f = model(x), fp32(x)
     assert set(q) == set(f) == ({"out", "aux"} if kwargs else {"out"})
-    assert q["out"].dtype == torch.float32 and q["out"].shape == f["out"].shape == (2, 21, 96, 96)
+    assert q["out"].dtype == torch.float32 and q["out"].shape == f["out"].shape == (2, 21, 64, 64)
     assert _rel_err(q["out"], f["out"]) < max_err
     assert (q["out"].argmax(1) == f["out"].argmax(1)).float().mean() > min_agree
     # The wrapper's own int8 state (input scale, gate/concat scales) is saved with the model.

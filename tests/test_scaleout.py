@@ -4,14 +4,18 @@
   defaults, ``validate_config`` checks it against Ray's JSON schema), and has what the issue
   asks for: a 0-CPU head, a spot autoscaling worker type, the 2.60 py311 CPU image, this
   project pinned at its own version, token auth with the token from a secret.
-- The manifests under ``deploy/`` parse, carry the required KubeRay fields, and their
-  entrypoints parse with the project's own CLI parser and config loader.
-- ``scripts/submit_nightly.sh`` builds dated submission ids and dated prefixes.
+- The manifests under ``deploy/`` parse, use only fields the KubeRay v1 CRDs define, carry the
+  required ones, take secrets from Secrets, and their entrypoints parse with the project's own
+  CLI parser and config loader.
+- ``scripts/submit_nightly.sh`` builds dated submission ids, never runs a date twice, and exits
+  with the job's own exit code (checked against a stand-in job client: the job server needs
+  ``ray[default]``, which the test environment does not install).
 - Node loss: a head (0 CPUs) and two worker nodes (``ray.cluster_utils.Cluster``, in a
   subprocess so the session cluster is untouched); the annotate driver runs as its own process
-  connected through ``RAY_ADDRESS`` (as under ``ray job submit``); one worker node is killed
-  (SIGKILL) once shards are committing. The run finishes, or a re-run finishes, with every
-  image exactly once. Measured: time from the kill to the next commit, and rows redone.
+  connected through ``RAY_ADDRESS`` (as under ``ray job submit``); the worker node running a
+  model actor is killed (SIGKILL) once shards are committing. The run finishes, or a re-run
+  finishes, with every image exactly once. Measured, and printed: time until the node is
+  marked dead and until the next commit, and rows redone (traced in the actors and read tasks).
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ def test_ray_cluster_yaml_has_what_the_pipeline_needs():
     assert len(workers) == 1
     worker = workers[0]
     assert worker["min_workers"] < worker["max_workers"] <= cfg["max_workers"]  # autoscaling
+    assert worker["min_workers"] >= 1  # the run plans its pool from the CPUs present at its start
     assert worker["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
     assert cfg["docker"]["image"] == RAY_IMAGE
 
@@ -169,7 +174,57 @@ def test_kuberay_manifests_have_the_required_fields():
                     check_auth_env(c, where + " submitter")
             if doc["kind"] == "RayCronJob":
                 assert len(doc["spec"]["schedule"].split()) == 5, where
-                assert doc["spec"]["concurrencyPolicy"] == "Forbid", where
+                assert doc["spec"]["timeZone"] == "Etc/UTC", where
+
+
+# Field names of the KubeRay v1 CRDs (ray-project/kuberay ray-operator/config/crd/bases, Aug 2026)
+# at the levels the manifests set. The API server drops or rejects unknown fields, so a misspelt
+# or invented field (a RayCronJob has no concurrencyPolicy) would silently do nothing.
+KUBERAY_FIELDS = {
+    "RayJob.spec": {
+        "activeDeadlineSeconds", "backoffLimit", "clusterSelector", "deletionStrategy", "entrypoint",
+        "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "jobId", "managedBy", "metadata",
+        "preRunningDeadlineSeconds", "rayClusterSpec", "runtimeEnvYAML", "shutdownAfterJobFinishes",
+        "submissionMode", "submitterConfig", "submitterPodTemplate", "suspend", "ttlSecondsAfterFinished"},
+    "RayCronJob.spec": {"jobTemplate", "schedule", "suspend", "timeZone"},
+    "RayClusterSpec": {
+        "authOptions", "autoscalerOptions", "enableInTreeAutoscaling", "gcsFaultToleranceOptions",
+        "headGroupSpec", "headServiceAnnotations", "historyServerOptions", "managedBy", "networkPolicy",
+        "rayVersion", "suspend", "tlsOptions", "upgradeStrategy", "workerGroupSpecs"},
+    "headGroupSpec": {
+        "enableIngress", "headService", "ingressOptions", "labels", "rayStartParams", "resources",
+        "serviceType", "template"},
+    "workerGroupSpec": {
+        "groupName", "idleTimeoutSeconds", "labels", "maxReplicas", "minReplicas", "numOfHosts", "priority",
+        "rayStartParams", "replicas", "resources", "scaleStrategy", "suspend", "template"},
+    "autoscalerOptions": {
+        "args", "command", "env", "envFrom", "idleTimeoutSeconds", "image", "imagePullPolicy", "resources",
+        "securityContext", "upscalingMode", "version", "volumeMounts"},
+}
+
+
+def test_kuberay_manifests_use_only_known_crd_fields():
+    def check(obj: dict, level: str, where: str) -> None:
+        unknown = set(obj) - KUBERAY_FIELDS[level]
+        assert not unknown, f"{where}: {sorted(unknown)} are not {level} fields"
+
+    seen = set()
+    for name, ds in load_manifests().items():
+        for doc in ds:
+            if doc["kind"] == "RayCronJob":
+                check(doc["spec"], "RayCronJob.spec", name)
+                assert {"jobTemplate", "schedule"} <= set(doc["spec"])
+            for job in job_specs(doc):
+                check(job, "RayJob.spec", name)
+            for spec in ray_cluster_specs(doc):
+                check(spec, "RayClusterSpec", name)
+                check(spec["headGroupSpec"], "headGroupSpec", name)
+                check(spec.get("autoscalerOptions", {}), "autoscalerOptions", name)
+                for group in spec["workerGroupSpecs"]:
+                    check(group, "workerGroupSpec", name)
+                    assert {"groupName", "maxReplicas", "minReplicas", "template"} <= set(group)
+                seen.add(doc["kind"])
+    assert seen == {"RayJob", "RayCronJob", "RayCluster"}
 
 
 def test_manifest_entrypoints_parse_with_the_project_cli(tmp_path):
@@ -192,7 +247,7 @@ def test_manifest_entrypoints_parse_with_the_project_cli(tmp_path):
                 commands.append([a.replace("{run_date}", "2026-12-02") for a in args[args.index("--") + 1:]])
                 rules = doc["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
                 assert rules == [{"action": "FailJob", "onExitCodes": {
-                    "containerName": "submit", "operator": "In", "values": [2]}}]
+                    "containerName": "submit", "operator": "In", "values": [1, 2]}}]
                 check_auth_env(submit, "CronJob")
     assert "scripts/submit_nightly.sh" in (DEPLOY / "Dockerfile").read_text()
     assert {c[1] for c in commands} == {"annotate", "finetune"} and len(commands) == 4
@@ -262,24 +317,143 @@ def test_submit_nightly_unreachable_cluster_is_retryable():
     assert "nightly-annotate-2026-11-29" in res.stderr
 
 
+# A stand-in for ray.job_submission (the dashboard's job server needs ray[default], not installed
+# here): jobs live in a JSON file; a submitted job ends as FAKE_NEXT says.
+_FAKE_JOB_SUBMISSION = """
+import enum, json, os
+
+
+class JobStatus(str, enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+
+
+class _Info:
+    def __init__(self, job):
+        self.status, self.driver_exit_code = JobStatus(job["status"]), job.get("code")
+
+
+class JobSubmissionClient:
+    def __init__(self, address=None):
+        self.path = os.environ["FAKE_JOBS"]
+
+    def _jobs(self):
+        with open(self.path) as f:
+            return json.load(f)
+
+    def get_job_info(self, job_id):
+        jobs = self._jobs()
+        if job_id not in jobs:
+            raise RuntimeError(f"Job {job_id} does not exist")
+        return _Info(jobs[job_id])
+
+    def get_job_status(self, job_id):
+        return self.get_job_info(job_id).status
+
+    def get_job_logs(self, job_id):
+        return f"log of {job_id}\\n"
+
+    def submit_job(self, *, entrypoint, submission_id, **kwargs):
+        jobs = self._jobs()
+        jobs[submission_id] = {**json.loads(os.environ["FAKE_NEXT"]), "entrypoint": entrypoint,
+                               "metadata": kwargs.get("metadata")}
+        with open(self.path, "w") as f:
+            json.dump(jobs, f)
+        return submission_id
+"""
+
+
+@pytest.mark.parametrize("existing, next_job, code, ids", [
+    ({}, {"status": "SUCCEEDED", "code": 0}, 0, ["nightly-annotate-2026-11-29"]),
+    ({}, {"status": "FAILED", "code": 1}, 1, ["nightly-annotate-2026-11-29"]),
+    ({"nightly-annotate-2026-11-29": {"status": "SUCCEEDED", "code": 0}}, None, 0,
+     ["nightly-annotate-2026-11-29"]),  # already done: not submitted again
+    ({"nightly-annotate-2026-11-29": {"status": "FAILED", "code": 2}}, None, 2,
+     ["nightly-annotate-2026-11-29"]),  # a bad command is not resubmitted
+    ({"nightly-annotate-2026-11-29": {"status": "FAILED", "code": 3}}, {"status": "SUCCEEDED", "code": 0}, 0,
+     ["nightly-annotate-2026-11-29", "nightly-annotate-2026-11-29-r2"]),  # a stopped run is retried
+    ({}, {"status": "STOPPED", "code": None}, 3, ["nightly-annotate-2026-11-29"]),
+])
+def test_submit_nightly_exit_codes_follow_the_job(tmp_path, existing, next_job, code, ids):
+    fake = tmp_path / "fake" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "job_submission.py").write_text(_FAKE_JOB_SUBMISSION)
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps(existing))
+    env = {"PATH": os.environ["PATH"], "PYTHON": sys.executable, "PYTHONPATH": str(tmp_path / "fake"),
+           "FAKE_JOBS": str(jobs), "FAKE_NEXT": json.dumps(next_job)}
+    res = subprocess.run(["bash", str(SUBMIT), "--date", "2026-11-29", "--", "mnv3-pipeline", "annotate",
+                          "--output", "s3://b/a/dt={date}/", "--date", "{run_date}"], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert res.returncode == code, res.stderr
+    after = json.loads(jobs.read_text())
+    assert sorted(after) == ids
+    for job_id in set(ids) - set(existing):
+        argv = shlex.split(after[job_id]["entrypoint"])
+        assert argv[-3:] == ["s3://b/a/dt={date}/", "--date", "2026-11-29"]
+        assert after[job_id]["metadata"] == {"nightly_date": "2026-11-29"}
+        assert f"log of {job_id}" in res.stdout
+
+
 # --------------------------------------------------------------------------- node loss
 
 # Loaded by every Python process of the test cluster (PYTHONPATH): counts the rows each model
 # actor is handed, so rows redone after the node loss are measured, not guessed. Patches
 # InferenceBundle.__call__ right after pipeline.bundle is imported; the pipeline is not modified.
 _TRACE_SITECUSTOMIZE = r"""
+import functools
 import os
 import sys
 import time
 
 _TRACE = os.environ.get("MNV3_TEST_TRACE_DIR")
+
+
+def _log(kind, ids, ends):
+    import ray
+
+    now, node = time.time(), ray.get_runtime_context().get_node_id()
+    with open(os.path.join(_TRACE, f"{os.getpid()}.{kind}.txt"), "a") as f:
+        f.writelines(f"{now:.3f} {node} {i}\n" for i, end in zip(ids, ends or [0] * len(ids)) if not end)
+
+
+def _rows(table):
+    ends = table.column("_end").to_pylist() if "_end" in table.column_names else []
+    return table.column("image_id").to_pylist(), ends
+
+
+def _patch(module):
+    if module.__name__ == "pipeline.bundle":
+        call = module.InferenceBundle.__call__
+
+        def traced_call(self, batch):
+            _log("model", *_rows(batch))
+            return call(self, batch)
+
+        module.InferenceBundle.__call__ = traced_call
+    else:
+        read = module.read_and_decode
+
+        @functools.wraps(read)  # same module and name: still pickled by reference
+        def traced_read(*args, **kwargs):
+            for table in read(*args, **kwargs):
+                _log("read", *_rows(table))
+                yield table
+
+        module.read_and_decode = traced_read
+
+
 if _TRACE:
     import importlib.abc
     import importlib.machinery
 
-    class _TraceBundle(importlib.abc.MetaPathFinder):
+    class _Trace(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
-            if name != "pipeline.bundle":
+            if name not in ("pipeline.bundle", "pipeline.run"):
                 return None
             spec = importlib.machinery.PathFinder.find_spec(name, path)
             if spec is None:
@@ -288,25 +462,12 @@ if _TRACE:
 
             def exec_module(module):
                 load(module)
-                call = module.InferenceBundle.__call__
-
-                def traced(self, batch):
-                    ids = batch.column("image_id").to_pylist()
-                    ends = batch.column("_end").to_pylist() if "_end" in batch.column_names else []
-                    import ray
-
-                    now, node = time.time(), ray.get_runtime_context().get_node_id()
-                    with open(os.path.join(_TRACE, f"{os.getpid()}.txt"), "a") as f:
-                        f.writelines(f"{now:.3f} {node} {i}\n" for i, end in zip(ids, ends or [0] * len(ids))
-                                     if not end)
-                    return call(self, batch)
-
-                module.InferenceBundle.__call__ = traced
+                _patch(module)
 
             spec.loader.exec_module = exec_module
             return spec
 
-    sys.meta_path.insert(0, _TraceBundle())
+    sys.meta_path.insert(0, _Trace())
 """
 
 _NODE_LOSS_SCRIPT = r"""
@@ -347,7 +508,7 @@ while time.monotonic() < deadline and proc.poll() is None and len(committed()) <
 result["committed_at_kill"] = len(committed())
 result["driver_alive_at_kill"] = proc.poll() is None
 # Kill the worker node whose model actor ran the latest batch (ties: the busiest node).
-trace = sorted(ln.split() for p in Path(os.environ["MNV3_TEST_TRACE_DIR"]).glob("*.txt")
+trace = sorted(ln.split() for p in Path(os.environ["MNV3_TEST_TRACE_DIR"]).glob("*.model.txt")
                for ln in p.read_text().splitlines())
 actor_nodes = [node for _, node, _ in trace]
 free = ray._private.state.available_resources_per_node()
@@ -358,6 +519,10 @@ result["victim_ran_actor"] = victim.node_id in actor_nodes
 t_kill = time.time()
 cluster.remove_node(victim, allow_graceful=False)  # SIGKILL: a spot node gone, no goodbye
 result["kill_s"] = round(time.monotonic() - start, 2)
+t0 = time.monotonic()  # how long until the cluster itself knows the node is gone
+while time.monotonic() - t0 < 60 and any(n["NodeID"] == victim.node_id and n["Alive"] for n in ray.nodes()):
+    time.sleep(0.2)
+result["dead_detected_s"] = round(time.monotonic() - t0, 2)
 try:
     result["rc1"] = proc.wait(timeout=240)
 except subprocess.TimeoutExpired:
@@ -409,7 +574,11 @@ def test_worker_node_killed_mid_run_every_image_exactly_once(tmp_path):
     site.mkdir()
     (site / "sitecustomize.py").write_text(_TRACE_SITECUSTOMIZE)
     env = dict(os.environ, MNV3_TEST_TRACE_DIR=str(trace),
-               PYTHONPATH=os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               # GCS notices a dead node after 3 missed 1 s health checks (Ray's default waits for
+               # 5 missed 3 s checks): keeps the test short; recovery starts only after detection.
+               RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="1000",
+               RAY_health_check_failure_threshold="3")
     res = subprocess.run([sys.executable, "-c", _NODE_LOSS_SCRIPT, str(tmp_path / "in"), str(cfg), str(out),
                           str(images), str(shards)], capture_output=True, text=True, timeout=600, cwd=ROOT,
                          env=env)
@@ -417,11 +586,13 @@ def test_worker_node_killed_mid_run_every_image_exactly_once(tmp_path):
     logs = "".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("run*.log")))
     assert res.returncode == 0 and lines, res.stderr[-3000:] + logs
     result = json.loads(lines[-1][len("RESULT "):])
-    traced = [ln.split() for p in trace.glob("*.txt") for ln in p.read_text().splitlines()]
+    traced = [ln.split() for p in trace.glob("*.model.txt") for ln in p.read_text().splitlines()]
     inferred = [image_id for _, _, image_id in traced]
+    decoded = [ln.split()[2] for p in trace.glob("*.read.txt") for ln in p.read_text().splitlines()]
     before_kill = {image_id for t, _, image_id in traced if float(t) <= result["t_kill"]}
     measured = {**recovery_numbers(result), "rows_inferred": len(inferred),
                 "rows_redone": len(inferred) - len(set(inferred)),
+                "rows_decoded": len(decoded), "rows_decoded_again": len(decoded) - len(set(decoded)),
                 "rows_started_before_kill": len(before_kill),
                 "rows_on_victim": sum(node == result["victim"] for _, node, _ in traced),
                 "actor_nodes": len({node for _, node, _ in traced}),
@@ -445,7 +616,7 @@ def test_worker_node_killed_mid_run_every_image_exactly_once(tmp_path):
         ids += pq.read_table(part, columns=["image_id"]).column("image_id").to_pylist()
     assert len(ids) == images and len(set(ids)) == images
     assert len(list((out / "_manifest").glob("*.json"))) == shards
-    assert set(inferred) == set(ids)  # the trace saw every image: the measurement is real
+    assert set(inferred) == set(ids) == set(decoded)  # the traces saw every image: the numbers are real
     assert len(before_kill) < images  # the node died while there was model work left
 
     assert sum(r["shards"]["committed"] for r in reports) == shards

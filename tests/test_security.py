@@ -1,8 +1,9 @@
 """Security: credentials never leak, weights are verified, tar member names never escape the output.
 
 - An annotate run on the S3 server with a key and secret in the config (one given literally,
-  one through a ``${ENV_VAR}`` reference): neither appears in stdout/stderr, Python logs, the
-  Ray session logs, the run report, the manifest records, nor anywhere in the Parquet files
+  one through a ``${ENV_VAR}`` reference) and AWS credentials in the environment: none of them
+  appears in stdout/stderr, Python logs, the Ray session logs, the run report, the manifest
+  records, nor anywhere in the Parquet files
   (bytes, schema metadata, every string value); the same for ``--print-config`` and for a run
   that fails on a bad input.
 - Weights: a wrong or mismatching sha256 (given, in the file name, or after tampering) is
@@ -78,6 +79,11 @@ def test_no_credential_in_logs_reports_or_parquet(ray_cluster, s3_bucket, tmp_pa
     bucket, options = s3_bucket
     key, secret = "AKIDSECURITYTEST0001", "sEcReT-from-env-7c1f0e9b"
     monkeypatch.setenv("MNV3_TEST_S3_SECRET", secret)
+    # Credentials that only live in the driver's environment (the job's pod / container env).
+    env_secrets = {"AWS_SECRET_ACCESS_KEY": "envSecretAccessKey-93b1d2",
+                   "AWS_SESSION_TOKEN": "envSessTok-5e0a77f1"}
+    for name, value in env_secrets.items():
+        monkeypatch.setenv(name, value)
     real = {**options, "key": key, "secret": secret}  # moto accepts any credentials
     write_dataset(f"{bucket}/in", images=6, shards=2, storage_options=real, min_size=64, max_size=96)
     in_config = {**options, "key": key, "secret": "${MNV3_TEST_S3_SECRET}"}
@@ -114,6 +120,8 @@ def test_no_credential_in_logs_reports_or_parquet(ray_cluster, s3_bucket, tmp_pa
     for where, text in places.items():
         assert secret not in text, f"the S3 secret leaked into {where}"
         assert key not in text, f"the S3 access key leaked into {where}"
+        for name, value in env_secrets.items():
+            assert value not in text, f"${name} leaked into {where}"
     report = json.loads(fs.cat(reports[0]))
     assert report["config"]["storage"]["options"]["secret"] != secret
 

@@ -303,7 +303,17 @@ def test_deeplab_training_needs_batch_of_two():
     assert model(torch.rand(2, 3, 32, 32))["out"].shape == (2, 3, 32, 32)
 
 
-def test_loss_trains_the_aux_head_at_half_weight():
+@pytest.fixture
+def one_thread():
+    """Backward passes with 2 OpenMP threads on a busy 2-core machine spin-wait for each other
+    (measured: 15x the CPU time of one thread); one thread keeps this test's cost predictable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_loss_trains_the_aux_head_at_half_weight(one_thread):
     torch.manual_seed(0)
     model = deeplabv3_mobilenet_v3_large(num_classes=3, aux_loss=True).train()
     x, target = torch.rand(2, 3, 32, 48), torch.randint(0, 3, (2, 32, 48))
@@ -393,16 +403,6 @@ def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> floa
     ious = [((pred == c) & (target == c)).sum().item() / ((pred == c) | (target == c)).sum().item()
             for c in range(num_classes) if (target == c).any()]
     return float(np.mean(ious))
-
-
-@pytest.fixture
-def one_thread():
-    """Backward passes with 2 OpenMP threads on a busy 2-core machine spin-wait for each other
-    (measured: 15x the CPU time of one thread); one thread keeps this test's cost predictable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_overfit_synth_shapes_miou_rises_well_above_chance(one_thread):

@@ -59,7 +59,8 @@ class AnchorGenerator(nn.Module):
             out.append((shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4))
         return out
 
-    def forward(self, batch_shape: tuple[int, int], num_images: int, feature_maps: list[Tensor]) -> list[Tensor]:
+    def forward(self, batch_shape: tuple[int, int], num_images: int,
+                feature_maps: list[Tensor]) -> list[Tensor]:
         """Anchors [sum(H_i * W_i * A_i), 4] for each of ``num_images`` (all identical)."""
         grid_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feature_maps]
         strides = [(batch_shape[0] // gh, batch_shape[1] // gw) for gh, gw in grid_sizes]

@@ -90,7 +90,10 @@ class BackboneWithFPN(nn.Module):
 
 def mobilenet_fpn_extractor(features: nn.Sequential, trainable_layers: int, out_channels: int = 256,
                             stage_indices: tuple[int, ...] = LARGE_STAGE_INDICES) -> BackboneWithFPN:
-    """FPN over the last two stages of a MobileNetV3 ``features``; freeze all but ``trainable_layers`` stages."""
+    """FPN over the last two stages of a MobileNetV3 ``features``.
+
+    All but the last ``trainable_layers`` stages are frozen (requires_grad False).
+    """
     num_stages = len(stage_indices)
     if not 0 <= trainable_layers <= num_stages:
         raise ValueError(f"trainable_layers must be in [0, {num_stages}], got {trainable_layers}")

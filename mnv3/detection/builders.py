@@ -28,7 +28,8 @@ def _trainable_layers(is_trained: bool, requested: int | None) -> int:
         return MAX_TRAINABLE_LAYERS
     value = DEFAULT_TRAINABLE_LAYERS if requested is None else requested
     if not 0 <= value <= MAX_TRAINABLE_LAYERS:
-        raise ValueError(f"Trainable backbone layers should be in the range [0,{MAX_TRAINABLE_LAYERS}], got {value}")
+        raise ValueError(f"Trainable backbone layers should be in the range [0,{MAX_TRAINABLE_LAYERS}], "
+                         f"got {value}")
     return value
 
 
@@ -58,7 +59,8 @@ def _build(weights: str | None, num_classes: int | None, weights_backbone: str |
 
 def fasterrcnn_mobilenet_v3_large_fpn(*, weights: str | None = None, num_classes: int | None = None,
                                       weights_backbone: str | None = None,
-                                      trainable_backbone_layers: int | None = None, frozen_bn: bool | None = None,
+                                      trainable_backbone_layers: int | None = None,
+                                      frozen_bn: bool | None = None,
                                       **kwargs: Any) -> FasterRCNN:
     """Faster R-CNN, MobileNetV3-Large FPN backbone, images resized to 800 (max 1333).
 
@@ -83,4 +85,5 @@ def fasterrcnn_mobilenet_v3_large_320_fpn(*, weights: str | None = None, num_cla
     """
     defaults = {"min_size": 320, "max_size": 640, "rpn_pre_nms_top_n_test": 150,
                 "rpn_post_nms_top_n_test": 150, "rpn_score_thresh": 0.05}
-    return _build(weights, num_classes, weights_backbone, trainable_backbone_layers, frozen_bn, defaults, kwargs)
+    return _build(weights, num_classes, weights_backbone, trainable_backbone_layers, frozen_bn, defaults,
+                  kwargs)

@@ -102,7 +102,8 @@ class RoIHeads(nn.Module):
         matched_gt = []
         for i in range(len(proposals)):
             keep = torch.where(pos_masks[i] | neg_masks[i])[0]
-            proposals[i], labels[i], matched_idxs[i] = proposals[i][keep], labels[i][keep], matched_idxs[i][keep]
+            proposals[i], labels[i] = proposals[i][keep], labels[i][keep]
+            matched_idxs[i] = matched_idxs[i][keep]
             boxes = gt_boxes[i]
             if boxes.numel() == 0:
                 boxes = torch.zeros((1, 4), dtype=dtype, device=proposals[i].device)
@@ -130,7 +131,8 @@ class RoIHeads(nn.Module):
             results.append({"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]})
         return results
 
-    def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]],
+    def forward(self, features: dict[str, Tensor], proposals: list[Tensor],
+                image_shapes: list[tuple[int, int]],
                 targets: list[dict[str, Tensor]] | None = None
                 ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         if self.training:

@@ -147,7 +147,8 @@ class RegionProposalNetwork(nn.Module):
         objectness = objectness.flatten()
         labels_all = torch.cat(labels, dim=0)
         targets_all = torch.cat(regression_targets, dim=0)
-        box_loss = F.smooth_l1_loss(deltas[pos], targets_all[pos], beta=1 / 9, reduction="sum") / sampled.numel()
+        box_loss = F.smooth_l1_loss(deltas[pos], targets_all[pos], beta=1 / 9, reduction="sum")
+        box_loss = box_loss / sampled.numel()
         obj_loss = F.binary_cross_entropy_with_logits(objectness[sampled], labels_all[sampled])
         return obj_loss, box_loss
 

@@ -17,7 +17,8 @@ class Matcher:
     best (ties included), even below ``high``.
     """
 
-    def __init__(self, high_threshold: float, low_threshold: float, allow_low_quality_matches: bool = False) -> None:
+    def __init__(self, high_threshold: float, low_threshold: float,
+                 allow_low_quality_matches: bool = False) -> None:
         if low_threshold > high_threshold:
             raise ValueError(f"low_threshold {low_threshold} must be <= high_threshold {high_threshold}")
         self.high_threshold = high_threshold

@@ -37,7 +37,8 @@ def resize_boxes(boxes: Tensor, original_size: tuple[int, int], new_size: tuple[
 def check_images(images: list[Tensor]) -> None:
     """Raise a ValueError naming the first image that a detector cannot take."""
     if isinstance(images, Tensor) and images.dim() == 4:
-        raise ValueError("images must be a list of [3, H, W] tensors, not one batched tensor; use list(batch)")
+        raise ValueError("images must be a list of [3, H, W] tensors, not one batched tensor; "
+                         "use list(batch)")
     if len(images) == 0:
         raise ValueError("images is an empty list; pass at least one [3, H, W] float tensor")
     for i, img in enumerate(images):
@@ -77,14 +78,16 @@ class DetectionTransform(nn.Module):
         index = int(torch.empty(1).uniform_(0.0, float(len(self.min_size))).item())
         return self.min_size[index]
 
-    def resize(self, image: Tensor, target: dict[str, Tensor] | None) -> tuple[Tensor, dict[str, Tensor] | None]:
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None
+               ) -> tuple[Tensor, dict[str, Tensor] | None]:
         h, w = image.shape[-2:]
         size = float(self._choose_min_size())
         scale = min(size / float(min(h, w)), float(self.max_size) / float(max(h, w)))
         new_size = (math.floor(h * scale), math.floor(w * scale))
         if new_size[0] < 1 or new_size[1] < 1:
             raise ValueError(f"image of size {h}x{w} would be resized to {new_size[0]}x{new_size[1]} "
-                             f"(min_size {self.min_size}, max_size {self.max_size}); its aspect ratio is too extreme")
+                             f"(min_size {self.min_size}, max_size {self.max_size}); "
+                             "its aspect ratio is too extreme")
         image = resize(image, new_size, antialias=False)
         if target is not None and "boxes" in target:
             target = dict(target)

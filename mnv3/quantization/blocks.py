@@ -97,15 +97,15 @@ def fuse(module: nn.Module, groups: list[list[str]], is_qat: bool | None = None)
 
 
 def conv_bn_relu_groups(seq: nn.Sequential) -> list[list[str]]:
-    """Runs of (Conv2d, BatchNorm2d[, ReLU]) among the direct children of a Sequential."""
+    """Runs of (Conv2d, BatchNorm2d[, ReLU]) or (Conv2d, ReLU) among the direct children of a Sequential."""
     names = list(seq._modules)
     mods = [seq._modules[n] for n in names]
     groups = []
     i = 0
     while i < len(mods) - 1:
-        if type(mods[i]) is nn.Conv2d and type(mods[i + 1]) is nn.BatchNorm2d:
+        if type(mods[i]) is nn.Conv2d and type(mods[i + 1]) in (nn.BatchNorm2d, nn.ReLU):
             group = [names[i], names[i + 1]]
-            if i + 2 < len(mods) and type(mods[i + 2]) is nn.ReLU:
+            if type(mods[i + 1]) is nn.BatchNorm2d and i + 2 < len(mods) and type(mods[i + 2]) is nn.ReLU:
                 group.append(names[i + 2])
             groups.append(group)
             i += len(group)
@@ -115,7 +115,7 @@ def conv_bn_relu_groups(seq: nn.Sequential) -> list[list[str]]:
 
 
 def fuse_tree(model: nn.Module, is_qat: bool | None = None) -> None:
-    """Fuse conv+BN(+ReLU) in every Sequential and fc1+ReLU in every quantizable SE gate.
+    """Fuse conv+BN(+ReLU) / conv+ReLU in every Sequential and fc1+ReLU in every quantizable SE gate.
 
     Hardswish is never fused (it stays a separate, observed module). Only Sequential
     containers are scanned because only there is child order the execution order. For

@@ -1,9 +1,10 @@
 """Int8 Faster R-CNN MobileNetV3-Large FPN (both variants): what torchvision does not have.
 
 Quantized: the backbone body and the FPN (one int8 graph from the normalized, resized
-image batch to the FPN maps) and the box head's two Linear layers (fc6/fc7 with their
-ReLUs fused, static int8). Float: the image transform, the RPN (head, anchors, NMS), RoI
-Align, the box predictor and all box logic, which need float precision or are cheap.
+image batch to the FPN maps), the RPN head's shared 3x3 conv (+ReLU) and the box head's
+two Linear layers (fc6/fc7 with their ReLUs fused, static int8). Float: the image
+transform, the RPN's objectness/delta 1x1 convs, anchors and NMS, RoI Align, the box
+predictor and all box logic, which need float precision or are cheap.
 The model keeps torchvision's module names, so float checkpoints load unchanged.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mnv3.detection.rpn import RPNHead
 from mnv3.quantization.backbone import swap_feature_layers
 from mnv3.quantization.blocks import TransparentWrapper, fuse, fuse_tree, replace_relu
 from mnv3.quantization.torch_ao import nnq, quiet, tq
@@ -78,6 +80,39 @@ class QuantizableTwoMLPHead(nn.Module):
         fuse(self, [["fc6", "relu6"], ["fc7", "relu7"]], is_qat)
 
 
+class QuantizableRPNHead(RPNHead):
+    """The RPN head with its shared conv between quant/dequant stubs; the 1x1 outputs stay float.
+
+    A subclass of the float head (same keys, same old-checkpoint migration).
+    """
+
+    def __init__(self, in_channels: int, num_anchors: int) -> None:
+        super().__init__(in_channels, num_anchors)
+        with quiet():
+            self.quant = tq.QuantStub()
+            self.dequant = tq.DeQuantStub()
+        replace_relu(self)
+
+    def forward(self, x: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        logits, deltas = [], []
+        for feature in x:
+            t = self.dequant(self.conv(self.quant(feature)))
+            logits.append(self.cls_logits(t))
+            deltas.append(self.bbox_pred(t))
+        return logits, deltas
+
+    def set_qconfig(self, qconfig: Any) -> None:
+        self.qconfig = qconfig
+        self.cls_logits.qconfig = None
+        self.bbox_pred.qconfig = None
+
+    @classmethod
+    def from_float(cls, original: nn.Module) -> QuantizableRPNHead:
+        head = cls(original.cls_logits.in_channels, original.cls_logits.out_channels)
+        head.load_state_dict(original.state_dict())
+        return head.train(original.training)
+
+
 class QuantizableDetector(TransparentWrapper):
     """Wraps a FasterRCNN; ``detector`` keeps its module tree (state_dict keys unchanged)."""
 
@@ -88,6 +123,7 @@ class QuantizableDetector(TransparentWrapper):
         swap_feature_layers(detector.backbone.body)
         detector.backbone = QuantizableBackboneWithFPN(detector.backbone)
         detector.roi_heads.box_head = QuantizableTwoMLPHead(detector.roi_heads.box_head)
+        detector.rpn.head = QuantizableRPNHead.from_float(detector.rpn.head)
         replace_relu(detector.backbone)
         self.detector = detector
 
@@ -96,11 +132,13 @@ class QuantizableDetector(TransparentWrapper):
 
     def fuse_model(self, is_qat: bool | None = None) -> None:
         fuse_tree(self.detector.backbone, is_qat)
+        fuse_tree(self.detector.rpn.head, is_qat)
         self.detector.roi_heads.box_head.fuse_model(is_qat)
 
     def set_qconfig(self, qconfig: Any) -> None:
-        """Quantize the backbone + FPN and the box head only; RPN and box logic stay float."""
+        """Quantize the backbone + FPN, the RPN's shared conv and the box head; box logic stays float."""
         self.detector.backbone.qconfig = qconfig
+        self.detector.rpn.head.set_qconfig(qconfig)
         self.detector.roi_heads.box_head.qconfig = qconfig
 
 

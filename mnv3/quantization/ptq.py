@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mnv3.quantization.blocks import fuse_tree
-from mnv3.quantization.engine import choose_engine, set_engine
+from mnv3.quantization.engine import choose_engine, pack_dilated_depthwise_for_onednn, set_engine
 from mnv3.quantization.torch_ao import nniqat, quiet, tq
 
 BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")
@@ -96,14 +96,19 @@ def calibrate(model: nn.Module, batches: Iterable[Any], max_batches: int | None 
 
 
 def convert(model: nn.Module, engine: str | None = None) -> nn.Module:
-    """Swap observed float modules for int8 ones packed for ``engine`` (in place; eval mode)."""
-    set_engine(engine)
+    """Swap observed float modules for int8 ones packed for ``engine`` (in place; eval mode).
+
+    On x86, dilated depthwise convs are packed for oneDNN instead (see ``engine.py``: FBGEMM
+    runs them ~100x slower than float).
+    """
+    engine = set_engine(engine)
     model.eval()
     with quiet(), warnings.catch_warnings():
         # Parts that saw no data (e.g. an unused branch) get default ranges; that is expected
         # when rebuilding a model whose real ranges are loaded right after.
         warnings.filterwarnings("ignore", message=r"must run observer before calling calculate_qparams")
         tq.convert(model, inplace=True)
+        pack_dilated_depthwise_for_onednn(model, engine)
     return model
 
 

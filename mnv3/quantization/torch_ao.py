@@ -29,7 +29,8 @@ REQUIRED_API: dict[str, tuple[str, ...]] = {
         "enable_fake_quant", "disable_fake_quant", "quantize_dynamic", "default_dynamic_qconfig",
         "HistogramObserver", "MinMaxObserver", "PerChannelMinMaxObserver",
     ),
-    "torch.ao.nn.quantized": ("FloatFunctional", "QFunctional"),
+    "torch.ao.nn.quantized": ("FloatFunctional", "QFunctional", "Conv2d"),
+    "torch.ao.nn.intrinsic.quantized": ("ConvReLU2d",),
     "torch.ao.nn.intrinsic.qat": ("freeze_bn_stats", "update_bn_stats"),
 }
 
@@ -59,7 +60,8 @@ def missing_api() -> list[str]:
 
 with quiet():
     import torch.ao.nn.intrinsic.qat as nniqat  # noqa: E402
+    import torch.ao.nn.intrinsic.quantized as nniq  # noqa: E402
     import torch.ao.nn.quantized as nnq  # noqa: E402
     import torch.ao.quantization as tq  # noqa: E402
 
-__all__ = ["REQUIRED_API", "missing_api", "nniqat", "nnq", "quiet", "tq"]
+__all__ = ["REQUIRED_API", "missing_api", "nniq", "nniqat", "nnq", "quiet", "tq"]

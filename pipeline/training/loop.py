@@ -221,9 +221,14 @@ def train_loop(cfg: dict) -> None:
     cats = data.CategoryMap.from_categories(train_src.categories, background=task != "classify")
     local = _decode_all(train_src, data.split_indices(len(train_src.images), rank, world))
     per_rank = len(train_src.images) // world
-    steps_per_epoch = max(per_rank // cfg["batch_size"], 1)
-    if cfg.get("max_steps_per_epoch"):
-        steps_per_epoch = min(steps_per_epoch, cfg["max_steps_per_epoch"])
+    if per_rank == 0:
+        raise ValueError(
+            f"training data {cfg['train']!r} has {len(train_src.images)} images, fewer than the "
+            f"{world} workers; use fewer finetune.workers"
+        )
+    # An epoch is one pass over the data unless max_steps_per_epoch sets its length (shorter, or
+    # longer: the shuffled slice is then cycled), so small datasets still get few, long epochs.
+    steps_per_epoch = cfg.get("max_steps_per_epoch") or max(per_rank // cfg["batch_size"], 1)
     total_steps = steps_per_epoch * cfg["epochs"]
 
     val_src = val_items = None

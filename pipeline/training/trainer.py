@@ -146,6 +146,7 @@ def fit(
     the tests to kill a worker).
     """
     import ray
+    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -180,9 +181,14 @@ def fit(
             failure_config=FailureConfig(max_failures=settings["max_failures"]),
         ),
     )
-    result = trainer.fit()
+    hint = (f"re-run with resume={name!r} (--resume {name}) or resume='auto' to continue from its "
+            "last checkpoint")
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:  # V2 raises worker/controller failures from fit()
+        raise RuntimeError(f"fine-tuning run {name} failed: {e}; {hint}") from e
     if result.error is not None:
-        raise RuntimeError(f"fine-tuning run {name} failed: {result.error}") from result.error
+        raise RuntimeError(f"fine-tuning run {name} failed: {result.error}; {hint}") from result.error
     if result.checkpoint is None:
         raise RuntimeError(f"fine-tuning run {name} produced no checkpoint (no epoch finished)")
     with result.checkpoint.as_directory() as d:
