@@ -46,10 +46,11 @@ class BoxCoder:
         """Decode [sum(N_i), K*4] codes against the concatenated boxes -> [sum(N_i), K, 4]."""
         concat = torch.cat(boxes, dim=0)
         total = concat.shape[0]
-        if total > 0:
-            rel_codes = rel_codes.reshape(total, -1)
+        per_box = rel_codes.numel() // max(total, 1) if total > 0 else rel_codes.shape[-1]
+        rel_codes = rel_codes.reshape(total, per_box)
         pred = self.decode_single(rel_codes, concat)
-        return pred.reshape(total, -1, 4) if total > 0 else pred
+        # Explicit K keeps the [N, K, 4] shape when no proposal is left (N == 0).
+        return pred.reshape(total, per_box // 4, 4)
 
     def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
         """[N, K*4] codes applied to [N, 4] boxes -> [N, K*4] boxes (x1, y1, x2, y2)."""
