@@ -315,3 +315,16 @@ def test_overfits_synthetic_shapes(tmp_path):
             assert bool(hits.any()), (
                 f"image {i}: shape {j} (label {label}, box {target['boxes'][j].tolist()}) not found; "
                 f"confident detections {boxes.tolist()} {labels.tolist()}")
+
+
+def test_no_proposal_left_gives_empty_detections():
+    """When the RPN keeps no proposal (early in training from scratch), eval returns empty results."""
+    torch.manual_seed(0)
+    model = mnv3.fasterrcnn_mobilenet_v3_large_320_fpn(num_classes=6).eval()
+    model.rpn.score_thresh = 2.0  # objectness probabilities never reach it
+    with torch.no_grad():
+        outputs = model([torch.rand(3, 120, 160), torch.rand(3, 90, 200)])
+    assert len(outputs) == 2
+    for out in outputs:
+        assert out["boxes"].shape == (0, 4) and out["labels"].shape == (0,) and out["scores"].shape == (0,)
+        assert out["labels"].dtype == torch.int64

@@ -438,3 +438,18 @@ def test_overfit_synth_shapes_miou_rises_well_above_chance(one_thread):
     assert losses[-1] < 0.3 * losses[0], losses
     assert untrained < 0.2 and majority < 0.2, (untrained, majority)
     assert trained > 0.5 and trained > 3 * max(untrained, majority), (trained, untrained, majority)
+
+
+def test_bundle_drops_the_training_only_aux_head(tmp_path):
+    """annotate builds DeepLabV3 from an aux-carrying checkpoint but does not run the aux head."""
+    from pipeline.bundle import TaskSpec, build_model
+
+    path = tmp_path / "deeplab_aux.pth"
+    torch.save(mnv3.deeplabv3_mobilenet_v3_large(num_classes=3, aux_loss=True).state_dict(), path)
+    spec = TaskSpec(task="segment", builder="deeplabv3_mobilenet_v3_large", weights=str(path),
+                    num_classes=3, params={"resize_size": 64})
+    model = build_model(spec)
+    assert model.aux_classifier is None
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 64, 64))
+    assert set(out) == {"out"} and out["out"].shape == (1, 3, 64, 64)

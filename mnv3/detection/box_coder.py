@@ -46,7 +46,7 @@ class BoxCoder:
         """Decode [sum(N_i), K*4] codes against the concatenated boxes -> [sum(N_i), K, 4]."""
         concat = torch.cat(boxes, dim=0)
         total = concat.shape[0]
-        per_box = rel_codes.numel() // max(total, 1) if total > 0 else rel_codes.shape[-1]
+        per_box = rel_codes.numel() // total if total else rel_codes.shape[-1]
         rel_codes = rel_codes.reshape(total, per_box)
         pred = self.decode_single(rel_codes, concat)
         # Explicit K keeps the [N, K, 4] shape when no proposal is left (N == 0).

@@ -30,26 +30,6 @@ class ValImage:
     pixels: np.ndarray  # HWC uint8
 
 
-_NO_PROPOSALS = "boxes must have 4 coordinates in the last dimension, got (0,"
-
-
-def _detect(model: nn.Module, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """The detector's outputs; an image for which the RPN kept no proposal has no detections.
-
-    Works around the detector failing when a whole batch has zero proposals (its box decoding
-    then returns [0, K*4] instead of [0, K, 4]), which happens early in training from scratch.
-    """
-    try:
-        return model(images)
-    except ValueError as e:
-        if not str(e).startswith(_NO_PROPOSALS):
-            raise
-    if len(images) > 1:
-        return [out for img in images for out in _detect(model, [img])]
-    empty = torch.zeros((0,))
-    return [{"boxes": torch.zeros((0, 4)), "labels": empty.long(), "scores": empty}]
-
-
 @torch.no_grad()
 def evaluate_detection(
     model: nn.Module, images: Sequence[ValImage], source: CocoSource, cats: CategoryMap, batch_size: int = 1
@@ -63,7 +43,7 @@ def evaluate_detection(
     results: list[dict] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        outputs = _detect(model, [transforms.to_tensor(v.pixels) for v in chunk])
+        outputs = model([transforms.to_tensor(v.pixels) for v in chunk])
         for v, out in zip(chunk, outputs):
             for box, label, score in zip(
                 out["boxes"].tolist(), out["labels"].tolist(), out["scores"].tolist()
