@@ -157,6 +157,12 @@ class FinetuneConfig:
         "Keep an EMA of the weights with this decay per step (e.g. 0.999); it is validated and exported.",
         minimum=0.0,
     )
+    precise_bn_images: int = opt(
+        64,
+        "Before each validation and export, recompute BatchNorm statistics with the current weights "
+        "on this many training images (precise BN; short runs from scratch need it); 0 = off.",
+        minimum=0,
+    )
     average_last_k: int = opt(
         0,
         "Export the mean of the last K checkpoints that improved the main metric "

@@ -342,3 +342,53 @@ def test_detection_validation_survives_a_batch_without_proposals(shards):
     src.images = src.images[:2]
     metrics = validation.evaluate_detection(model, items, src, cats)
     assert metrics["detections"] == 0 and metrics["map50"] in (0.0, -1.0)
+
+
+def test_precise_bn_replaces_stale_running_statistics():
+    """Running stats become the exact average over the given batches; weights, momentum and
+    train/eval mode are untouched; a model without BatchNorm is left alone."""
+    from pipeline.training.precise_bn import recompute_bn_stats
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4, momentum=0.01))
+    model.eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items()
+               if "running" not in k and "num_batches" not in k}
+    batches = [torch.randn(4, 3, 5, 5) * 3 + 2 for _ in range(3)]
+    assert recompute_bn_stats(model, batches) == 3
+    with torch.no_grad():
+        feats = [model[0](b) for b in batches]
+    expect_mean = torch.stack([f.mean(dim=(0, 2, 3)) for f in feats]).mean(0)
+    expect_var = torch.stack([f.var(dim=(0, 2, 3), unbiased=True) for f in feats]).mean(0)
+    bn = model[1]
+    assert torch.allclose(bn.running_mean, expect_mean, atol=1e-5)
+    assert torch.allclose(bn.running_var, expect_var, atol=1e-4)
+    assert bn.momentum == 0.01 and not model.training and not bn.training
+    for k, v in weights.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    # No batch: statistics stay as they were.
+    before = bn.running_mean.clone()
+    assert recompute_bn_stats(model, []) == 0
+    assert torch.equal(bn.running_mean, before)
+    assert recompute_bn_stats(torch.nn.Linear(2, 2), batches) == 0
+
+
+def test_precise_bn_in_the_loop_uses_the_detector_backbone(shards):
+    """The loop's precise-BN step runs the detector's backbone on training images and sets
+    statistics that differ from the untouched initial ones; 0 images turns it off."""
+    from pipeline.training import loop
+
+    source = data.load_source(str(shards))
+    cats = data.CategoryMap.from_categories(source.categories, background=True)
+    local = loop._decode_all(source, list(range(4)))
+    cfg = {"batch_size": 2, "hflip_prob": 0.5, "min_size": 96, "max_size": 128, "precise_bn_images": 4}
+    model, _ = models.build_model("detect", "fasterrcnn_mobilenet_v3_large_320_fpn", cats.num_classes,
+                                  detector_kwargs=loop._detector_kwargs(cfg))
+    model.eval()
+    first_bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    off = {**cfg, "precise_bn_images": 0}
+    assert loop._recompute_bn("detect", model, local, cats, off, source, None) == 0
+    assert torch.equal(first_bn.running_mean, torch.zeros_like(first_bn.running_mean))
+    assert loop._recompute_bn("detect", model, local, cats, cfg, source, None) == 2
+    assert not torch.equal(first_bn.running_mean, torch.zeros_like(first_bn.running_mean))
+    assert not model.training

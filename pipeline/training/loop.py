@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnv3 import transforms
-from pipeline.training import data, ema, models, optim, validation
+from pipeline.training import data, ema, models, optim, precise_bn, validation
 
 STATE_FILE = "state.pt"
 
@@ -187,6 +187,30 @@ def _train_preset(task: str, cfg: dict):
             random_erase=cfg["random_erase"],
         )
     return None
+
+
+def _recompute_bn(
+    task: str,
+    model: nn.Module,
+    local: list[tuple[np.ndarray, dict]],
+    cats: data.CategoryMap,
+    cfg: dict,
+    source: data.CocoSource,
+    preset: Any,
+) -> int:
+    """Precise BN before validation/export: BatchNorm statistics from ``precise_bn_images``
+    training images with the current weights (not in QAT, whose BN statistics freeze on schedule)."""
+    n = min(cfg.get("precise_bn_images") or 0, len(local))
+    if n < 2 or cfg.get("qat"):
+        return 0
+    size = max(cfg["batch_size"], 2)  # a one-image batch has no batch statistics at 1x1 maps
+    starts = [i for i in range(0, n, size) if n - i >= 2]
+    batches = (make_batch(task, local[i : i + size], cats, cfg, source, preset)[0] for i in starts)
+    forward = None
+    if task == "detect":  # the BatchNorms are in the backbone; skip the RPN and box losses
+        def forward(m: nn.Module, images: list[torch.Tensor]) -> None:
+            m.backbone(m.transform(images)[0].tensors)
+    return precise_bn.recompute_bn_stats(model, batches, forward)
 
 
 def _detector_kwargs(cfg: dict) -> dict[str, Any]:
@@ -375,6 +399,7 @@ def train_loop(cfg: dict) -> None:
         export_sd = export_kind = None
         if rank == 0:
             eval_model = averager.module if averager is not None else _unwrap(model)
+            _recompute_bn(task, eval_model, local, cats, cfg, train_src, preset)
             if val_items:
                 metrics = _validate(task, eval_model, val_items, val_src, cats, cfg)
             best.offer(epoch, metrics.get(primary), eval_model.state_dict())
@@ -383,6 +408,8 @@ def train_loop(cfg: dict) -> None:
                 averaged = best.averaged()
                 copy_model = copy.deepcopy(eval_model)
                 copy_model.load_state_dict(averaged)
+                _recompute_bn(task, copy_model, local, cats, cfg, train_src, preset)
+                averaged = copy_model.state_dict()
                 if val_items:
                     metrics = {
                         **_validate(task, copy_model, val_items, val_src, cats, cfg),
