@@ -316,7 +316,11 @@ def train_loop(cfg: dict) -> None:
     start_epoch, step, history, elapsed_before, resumes = 0, 0, [], 0.0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
+        # A private copy per rank: Checkpoint.as_directory shares one temp directory between the
+        # workers of a node, and a rank that arrives after another's download has finished downloads
+        # again over the file that rank is still reading (seen as "PytorchStreamReader failed").
+        with tempfile.TemporaryDirectory(prefix=f"mnv3-resume-rank{rank}-") as d:
+            checkpoint.to_directory(d)
             state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
