@@ -17,6 +17,7 @@ import mnv3
 from mnv3 import ops
 from mnv3.detection import FasterRCNN
 from pipeline.synth import write_dataset
+from pipeline.training.precise_bn import detector_backbone_forward, recompute_bn_stats
 
 FIXTURES = Path(__file__).parent / "fixtures" / "detection"
 BUILDERS = {"fpn": mnv3.fasterrcnn_mobilenet_v3_large_fpn,
@@ -250,24 +251,6 @@ def _synth_images(tmp_path: Path, count: int) -> tuple[list[torch.Tensor], list[
     return images, targets
 
 
-def _recalibrate_batch_norm(model: FasterRCNN, images: list[torch.Tensor]) -> None:
-    """Recompute BN running statistics on ``images`` with the final weights.
-
-    After a few dozen large steps from scratch, the running averages still mix statistics of
-    earlier weights; recomputing them on the training batch makes eval-mode normalization
-    match what the model was trained with.
-    """
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average
-    model.eval()
-    model.backbone.train()
-    with torch.no_grad():
-        model.backbone(model.transform(images)[0].tensors)
-    model.eval()
-
-
 def test_overfits_synthetic_shapes(tmp_path):
     """Train from scratch on three synthetic images: losses fall and every shape is found.
 
@@ -301,7 +284,10 @@ def test_overfits_synthetic_shapes(tmp_path):
             assert sum(mean_last.values()) < 0.35 * sum(first.values()), (first, mean_last)
             assert mean_last["loss_classifier"] < 0.3 * first["loss_classifier"], (first, mean_last)
             assert mean_last["loss_objectness"] < 0.3 * first["loss_objectness"], (first, mean_last)
-            _recalibrate_batch_norm(model, images)
+            # After a few dozen large steps from scratch the running averages still mix earlier
+            # weights' statistics: recompute them on the training batch (precise BN).
+            recompute_bn_stats(model, [images], detector_backbone_forward)
+            model.eval()
             with torch.no_grad():
                 detections = model(images)
     finally:

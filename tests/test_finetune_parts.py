@@ -373,17 +373,24 @@ def test_precise_bn_replaces_stale_running_statistics():
     assert recompute_bn_stats(torch.nn.Linear(2, 2), batches) == 0
 
 
-def test_precise_bn_in_the_loop_uses_the_detector_backbone(shards):
-    """The loop's precise-BN step runs the detector's backbone on training images and sets
-    statistics that differ from the untouched initial ones; 0 images turns it off."""
+def _bn_setup(shards, images: int, batch_size: int, precise_bn_images: int):
+    """A from-scratch 320 detector, decoded training images and the loop's config for precise BN."""
     from pipeline.training import loop
 
     source = data.load_source(str(shards))
     cats = data.CategoryMap.from_categories(source.categories, background=True)
-    local = loop._decode_all(source, list(range(4)))
-    cfg = {"batch_size": 2, "hflip_prob": 0.5, "min_size": 96, "max_size": 128, "precise_bn_images": 4}
+    local = loop._decode_all(source, list(range(images)))
+    cfg = {"batch_size": batch_size, "hflip_prob": 0.5, "min_size": 96, "max_size": 128,
+           "precise_bn_images": precise_bn_images}
     model, _ = models.build_model("detect", "fasterrcnn_mobilenet_v3_large_320_fpn", cats.num_classes,
                                   detector_kwargs=loop._detector_kwargs(cfg))
+    return loop, model, local, cats, cfg, source
+
+
+def test_precise_bn_in_the_loop_uses_the_detector_backbone(shards):
+    """The loop's precise-BN step runs the detector's backbone on training images and sets
+    statistics that differ from the untouched initial ones; 0 images turns it off."""
+    loop, model, local, cats, cfg, source = _bn_setup(shards, images=4, batch_size=2, precise_bn_images=4)
     model.eval()
     first_bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     off = {**cfg, "precise_bn_images": 0}
@@ -392,3 +399,11 @@ def test_precise_bn_in_the_loop_uses_the_detector_backbone(shards):
     assert loop._recompute_bn("detect", model, local, cats, cfg, source, None) == 2
     assert not torch.equal(first_bn.running_mean, torch.zeros_like(first_bn.running_mean))
     assert not model.training
+
+
+def test_precise_bn_skips_a_trailing_one_image_batch(shards):
+    """Batch size 1 is raised to 2 and a last batch of one image is left out (BatchNorm has no
+    batch statistics for one image at a 1x1 map); QAT runs skip it."""
+    loop, model, local, cats, cfg, source = _bn_setup(shards, images=3, batch_size=1, precise_bn_images=3)
+    assert loop._recompute_bn("detect", model, local, cats, cfg, source, None) == 1
+    assert loop._recompute_bn("detect", model, local, cats, {**cfg, "qat": True}, source, None) == 0

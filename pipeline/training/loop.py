@@ -206,10 +206,7 @@ def _recompute_bn(
     size = max(cfg["batch_size"], 2)  # a one-image batch has no batch statistics at 1x1 maps
     starts = [i for i in range(0, n, size) if n - i >= 2]
     batches = (make_batch(task, local[i : i + size], cats, cfg, source, preset)[0] for i in starts)
-    forward = None
-    if task == "detect":  # the BatchNorms are in the backbone; skip the RPN and box losses
-        def forward(m: nn.Module, images: list[torch.Tensor]) -> None:
-            m.backbone(m.transform(images)[0].tensors)
+    forward = precise_bn.detector_backbone_forward if task == "detect" else None
     return precise_bn.recompute_bn_stats(model, batches, forward)
 
 

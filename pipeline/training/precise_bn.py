@@ -26,6 +26,12 @@ def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     ]
 
 
+def detector_backbone_forward(model: nn.Module, images: list[torch.Tensor]) -> None:
+    """``forward`` for a detector: its BatchNorms are all in the backbone, so the RPN and box
+    head (and their need for targets in train mode) are skipped."""
+    model.backbone(model.transform(images)[0].tensors)
+
+
 @torch.no_grad()
 def recompute_bn_stats(
     model: nn.Module, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any] | None = None
