@@ -7,7 +7,8 @@ Exit codes (what a scheduler should do):
 
 * 0 - every pending shard committed with every image ok (nothing to do).
 * 1 - the run finished but some images or whole shards failed (see the run report's
-  ``top_errors``); re-running does not help unless the data is fixed, ``--retry-failed`` redoes them.
+  ``top_errors``), or shards that earlier runs recorded as failed are still missing from the
+  output; re-running does not help unless the data is fixed, ``--retry-failed`` redoes them.
 * 2 - bad config, flags or input (nothing was processed); fix the command, do not retry.
 * 3 - the run stopped before finishing (stall, lost cluster, storage error); retry: the
   re-run resumes and skips committed shards.
@@ -99,7 +100,8 @@ def task_specs(cfg: cfgmod.Config) -> list:
             params = {"resize_size": t.resize_size, "min_area": t.min_area,
                       "include_background": t.include_background}
         specs.append(TaskSpec(task=name, builder=t.builder, weights=t.weights or None, sha256=t.sha256,
-                              precision=t.precision, labels=labels, num_classes=t.num_classes, params=params))
+                              precision=t.precision, labels=labels, num_classes=t.num_classes, params=params,
+                              quant_engine=cfg.actors.quant_engine if t.precision == "int8" else None))
     return specs
 
 
@@ -267,5 +269,14 @@ def run(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001 - previews are a convenience, not the job's result
             print(f"[annotate] previews could not be rendered: {type(e).__name__}: {e}", file=sys.stderr)
     print(f"[annotate] run report: {report.get('report_url')}", file=sys.stderr)
-    failed = report["shards"]["failed"] or report["images"]["failed"]
+    shards = report["shards"]
+    earlier, earlier_images = shards["earlier_failed_ids"], shards["earlier_failed_images"]
+    if earlier:
+        print(f"[annotate] {len(earlier)} shard(s) failed in earlier runs and are still missing from the "
+              f"output (first: {earlier[0]}); fix the data and re-run with --retry-failed",
+              file=sys.stderr)
+    if earlier_images:
+        print(f"[annotate] note: {earlier_images} image(s) in already committed shards failed in earlier "
+              "runs (rows with status != ok); --retry-failed redoes their shards", file=sys.stderr)
+    failed = report["shards"]["failed"] or report["images"]["failed"] or earlier
     return EXIT_FAILURES if failed else EXIT_OK

@@ -175,6 +175,10 @@ class ActorsConfig:
                                      "never starved by the actors).", minimum=0.0, exclusive_min=True)
     max_read_tasks: int | None = opt(None, "Concurrent read+decode tasks at most. Default: cluster CPUs.",
                                      minimum=1)
+    quant_engine: str | None = opt(None, "Quantized engine of int8 models in the actors (x86, fbgemm, "
+                                         "onednn, qnnpack). Default: MNV3_QUANT_ENGINE on the actor's node, "
+                                         "else its CPU's engine (x86 on x86-64, qnnpack on ARM).",
+                                   choices=("x86", "fbgemm", "onednn", "qnnpack"))
 
 
 @dataclass

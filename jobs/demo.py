@@ -515,7 +515,7 @@ def _summary(d: DemoConfig, workdir: str, paths: dict[str, str], trained: dict[s
     map50 = summary["metrics"]["box_map50"]
     if map50 is not None and map50 < d.target_map50:
         hint = ("start the backbone from ImageNet weights (--set demo.backbone_weights=FILE); from random "
-                "weights the 320 detector reached only 0.18 after 17 minutes of training on 2 cores "
-                "(docs/finetune.md)") if not d.backbone_weights else "raise --train-minutes"
+                "weights the 320 detector learns slowly (measured learning curves: docs/finetune.md, "
+                "'Results on synthetic data')") if not d.backbone_weights else "raise --train-minutes"
         notes.append(f"box mAP@0.5 {map50:.3f} is below the {d.target_map50} target: {hint}")
     return summary

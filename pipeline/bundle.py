@@ -70,6 +70,7 @@ class TaskSpec:
     labels: tuple[str, ...] = ()
     num_classes: int | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
+    quant_engine: str | None = None  # int8 only; None = MNV3_QUANT_ENGINE, else the actor CPU's engine
 
     @property
     def classes(self) -> int:
@@ -95,7 +96,7 @@ def _quantization_note(spec: TaskSpec) -> str:
     try:
         from mnv3.quantization import choose_engine
 
-        engine = choose_engine()
+        engine = choose_engine(spec.quant_engine)
     except Exception:  # noqa: BLE001 - lineage must not fail on an engine probe
         engine = "unknown"
     how = ("an int8 artifact (mnv3-pipeline quantize) or a QAT checkpoint when the weights are one, else "
@@ -186,12 +187,20 @@ def build_model(spec: TaskSpec, storage_options: Mapping[str, Any] | None = None
         torch.manual_seed(seed)  # every actor builds the same random model
     if spec.precision == "int8":
         return build_int8(spec, kwargs)
-    model = fn(**_accepted(fn, kwargs))
-    if getattr(model, "aux_classifier", None) is not None:
-        # The official DeepLabV3 checkpoint carries a training-only aux head; annotate never
-        # reads its output, so don't pay for it (about 6% of DeepLabV3 at 520).
-        model.aux_classifier = None
+    model = drop_aux_head(fn(**_accepted(fn, kwargs)))
     model.eval()
+    return model
+
+
+def drop_aux_head(model: torch.nn.Module) -> torch.nn.Module:
+    """Remove DeepLabV3's aux head (float, or inside the int8 wrapper); returns ``model``.
+
+    The official DeepLabV3 checkpoint carries a training-only aux head; annotate never reads
+    its output, so it does not pay for it (about 6% of DeepLabV3 at 520) or calibrate it.
+    """
+    inner = model._modules.get("model", model) if hasattr(model, "_inner") else model
+    if getattr(inner, "aux_classifier", None) is not None:
+        inner.aux_classifier = None
     return model
 
 
@@ -245,7 +254,7 @@ def build_int8(spec: TaskSpec, kwargs: Mapping[str, Any]) -> torch.nn.Module:
                              "set the builder to match")
         if spec.task == "detect":
             _apply_detector_params(model, spec)
-        return model.eval()
+        return drop_aux_head(model).eval()
     if kind == "qat":
         if spec.task != "classify":
             raise ValueError(f"tasks.{spec.task}.weights {spec.weights!r} is a QAT checkpoint; only "
@@ -253,11 +262,33 @@ def build_int8(spec: TaskSpec, kwargs: Mapping[str, Any]) -> torch.nn.Module:
         builder = getattr(quant, spec.builder)
         model = builder(**_accepted(builder, {**kwargs, "quantize": True}))
         return model.eval()
-    model = build_quantizable(spec.builder, **_accepted(find_builder(spec.builder), kwargs))
+    model = drop_aux_head(build_quantizable(spec.builder, **_accepted(find_builder(spec.builder), kwargs)))
     model.eval()
     quant.prepare_ptq(model)
     model.needs_calibration = True
     return model
+
+
+def _use_quant_engine(specs: Sequence[TaskSpec]) -> None:
+    """Make the configured quantized engine (``actors.quant_engine``) this actor process's engine.
+
+    It is set as ``MNV3_QUANT_ENGINE`` too, so every int8 path (artifact, QAT checkpoint,
+    post-training calibration) picks it up; a config key travels with the job to every node,
+    where an environment variable of the driver would not.
+    """
+    engines = {s.quant_engine for s in specs if s.quant_engine}
+    if len(engines) > 1:
+        raise ValueError(f"one quantized engine per actor, got {sorted(engines)}")
+    if not engines:
+        return
+    from mnv3.quantization.engine import ENGINE_ENV, set_engine
+
+    engine = engines.pop()
+    try:
+        set_engine(engine)
+    except ValueError as e:
+        raise ValueError(f"actors.quant_engine {engine!r} cannot be used on this node: {e}") from None
+    os.environ[ENGINE_ENV] = engine
 
 
 def _apply_detector_params(model: torch.nn.Module, spec: TaskSpec) -> None:
@@ -448,6 +479,7 @@ class InferenceBundle:
         self.max_images = max(1, int(max_images))
         self.max_decoded_bytes = max(1, int(max_decoded_bytes))
         self.specs = list(tasks)
+        _use_quant_engine(self.specs)
         self.calls = 0
         cache_dir = tempfile.mkdtemp(prefix="mnv3-weights-")
         self.runners = [_RUNNERS[s.task](s, build_model(s, storage_options, cache_dir, seed))

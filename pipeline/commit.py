@@ -233,8 +233,9 @@ class OutputStore:
         return storage.join(self.url, RUNS_DIR, f"{run_id}.json")
 
     def interrupted_runs(self, limit: int = 20) -> list[dict]:
-        """Reports of the latest runs that never finished (still ``status: running``: the driver was
-        killed or its node lost), newest first, up to the last run that did finish."""
+        """Reports of the latest runs that never finished their shards, newest first, up to the last
+        run that did: still ``status: running`` (the driver was killed or its node lost) or ended
+        with ``status: error`` (a stall, a crash in the driver)."""
         names = self._list(RUNS_DIR, ".json")[::-1][:limit]  # run ids start with a UTC timestamp
         out = []
         for name in names:
@@ -242,7 +243,7 @@ class OutputStore:
                 report = json.loads(self.fs.cat(self.path(RUNS_DIR, name)))
             except (OSError, ValueError):
                 continue
-            if report.get("status") != "running":
+            if report.get("status") not in ("running", "error"):
                 break
             out.append(report)
         return out
@@ -265,6 +266,10 @@ class Selection:
     skipped_earlier: int = 0  # of skipped_committed: committed in an earlier dated output
     retried_ids: list = field(default_factory=list)
     changed_ids: list = field(default_factory=list)
+    # skipped shards an earlier run recorded as failed (redone only with retry_failed), and the
+    # failed images inside skipped committed shards: the output is still missing them
+    earlier_failed_ids: list = field(default_factory=list)
+    earlier_failed_rows: int = 0
     targets: dict = field(default_factory=dict)
 
 
@@ -300,4 +305,7 @@ def select_shards(specs: Sequence[Any], store: OutputStore, *, overwrite: bool =
     return Selection(pending=pending, skipped_committed=len(skipped), retried=len(retry),
                      changed=len(changed), skipped_earlier=sum(owner[sid] is not store for sid in skipped),
                      retried_ids=sorted(retry), changed_ids=sorted(changed),
+                     earlier_failed_ids=sorted(sid for sid in skipped if records[sid].status == FAILED),
+                     earlier_failed_rows=sum(records[sid].failed_rows for sid in skipped
+                                             if records[sid].status != FAILED),
                      targets={sid: owner[sid] for sid in redo if owner[sid] is not store})

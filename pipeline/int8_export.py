@@ -124,8 +124,11 @@ def quantize_to_artifact(req: QuantizeRequest, log=print) -> dict[str, Any]:
     gate = evaluate_gate(task, fp32, int8, _batches(task, held_inputs, batch), req.max_drop)
     log(f"quantize: accuracy gate: {gate.summary()}")
     if gate.extra.get("pseudo_gt_boxes") == 0:
-        log("quantize: warning: fp32 found no box with score >= 0.5 on the held-out images, so the gate "
-            "compared nothing; pass more or more typical images (or labelled ones) for a real check")
+        log("quantize: warning: fp32 found no box at all on the held-out images, so the gate compared "
+            "nothing; pass more or more typical images (or labelled ones) for a real check")
+    elif gate.extra.get("pseudo_gt_score", 0.5) < 0.5:
+        log(f"quantize: note: fp32 scored no box >= 0.5 on the held-out images; the gate's reference is "
+            f"its boxes with score >= {gate.extra['pseudo_gt_score']:.3f} (half its best score)")
     metadata = {
         "task": task, "builder": req.builder, "builder_kwargs": dict(req.builder_kwargs),
         "backend": backend, "engine": engine, "mode": "ptq",

@@ -645,7 +645,10 @@ def _report(job: AnnotateJob, run_id: str, started: float, plan: PoolPlan, selec
                    "changed": selection.changed,
                    "committed": len(records) - len(failed_shards), "failed": len(failed_shards),
                    "pending_ids": [s.shard_id for s in pending],
-                   "failed_ids": [r.shard_id for r in failed_shards]},
+                   "failed_ids": [r.shard_id for r in failed_shards],
+                   # skipped because earlier runs recorded them as failed: still missing from the output
+                   "earlier_failed_ids": list(selection.earlier_failed_ids),
+                   "earlier_failed_images": selection.earlier_failed_rows},
         # What was done again, and why: a scheduler or a node-loss test reads this.
         "retries": {"retry_failed_shards": list(selection.retried_ids),
                     "changed_shards": list(selection.changed_ids),

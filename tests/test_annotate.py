@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from outputs_from_gt import perfect_rows
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from jobs import config as cfgmod
+from jobs.annotate import task_specs
 from jobs.cli import main
 from pipeline.commit import MANIFEST_DIR, RUNS_DIR
 from pipeline.schema import STATUS_OK, make_table, read_metadata
@@ -201,10 +204,22 @@ def test_bad_input_corpus_exif_and_retry(ray_cluster, tmp_path):
     assert failed[0]["error"] and not (out / f"part-{failed[0]['shard_id']}.parquet").exists()
     assert len(list(out.glob("part-*.parquet"))) == 3
 
+    # A plain re-run has nothing to do but still exits 1: the failed shard is missing from the output.
+    seen = set((out / RUNS_DIR).glob("*.json"))
+    assert main(args) == 1
+    (new_report,) = set((out / RUNS_DIR).glob("*.json")) - seen  # run ids sort by second only
+    report = json.loads(new_report.read_text())
+    assert report["shards"]["pending"] == 0 and report["status"] == "ok"
+    assert report["shards"]["earlier_failed_ids"] == [failed[0]["shard_id"]]
+    assert report["shards"]["earlier_failed_images"] == sum(
+        m["failed_rows"] for m in manifest.values() if m["status"] != "failed") > 0
+
     # --retry-failed redoes the corrupt shard and the shards with failed rows only.
     needs = {sid for sid, m in manifest.items() if m["status"] == "failed" or m["failed_rows"]}
+    seen = set((out / RUNS_DIR).glob("*.json"))
     assert main(args + ["--retry-failed"]) == 1
-    report = json.loads(sorted((out / RUNS_DIR).glob("*.json"))[-1].read_text())
+    (new_report,) = set((out / RUNS_DIR).glob("*.json")) - seen
+    report = json.loads(new_report.read_text())
     assert report["shards"]["pending"] == len(needs) == report["shards"]["retried"]
     assert report["shards"]["skipped_committed"] == len(manifest) - len(needs)
     again = _read_without_ray(out)
@@ -270,6 +285,30 @@ def test_bundle_int8_tasks_threads_and_byte_bounded_batches():
             assert m["size"] == [h * 2, w * 2]
             decoded = mask_utils.decode({"size": m["size"], "counts": m["counts"].encode()})
             assert decoded.shape == (h * 2, w * 2) and int(decoded.sum()) == m["area"]
+
+
+def test_quant_engine_key_reaches_the_actor_and_the_lineage(monkeypatch):
+    import torch
+
+    from mnv3.quantization.engine import ENGINE_ENV, supported_engines
+    from pipeline.bundle import InferenceBundle, TaskSpec
+
+    if "qnnpack" not in supported_engines():
+        pytest.skip("this torch build has no qnnpack engine")
+    monkeypatch.delenv(ENGINE_ENV, raising=False)
+    cfg = cfgmod.load(None, {"tasks.classify.precision": "int8", "actors.quant_engine": "qnnpack"})
+    (spec,) = [s for s in task_specs(cfg) if s.task == "classify"]
+    assert spec.quant_engine == "qnnpack" and "qnnpack engine" in spec.lineage()["quantization"]
+    with pytest.raises(cfgmod.ConfigError, match="actors.quant_engine"):
+        cfgmod.load(None, {"actors.quant_engine": "arm64"})
+    before = torch.backends.quantized.engine
+    try:
+        InferenceBundle([TaskSpec(task="classify", builder="mobilenet_v3_small", precision="int8",
+                                  num_classes=3, quant_engine="qnnpack")])
+        assert torch.backends.quantized.engine == "qnnpack" and os.environ[ENGINE_ENV] == "qnnpack"
+    finally:
+        torch.backends.quantized.engine = before
+        os.environ.pop(ENGINE_ENV, None)
 
 
 # --------------------------------------------------------------------------- three tasks, COCO round trip

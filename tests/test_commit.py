@@ -41,8 +41,11 @@ def test_select_resume_retry_changed_and_overwrite(tmp_path):
 
     sel = select_shards([a, b, c, d], store)
     assert [s.shard_id for s in sel.pending] == ["d"] and sel.skipped_committed == 3
+    assert sel.earlier_failed_ids == ["c"] and sel.earlier_failed_rows == 1  # still missing from the output
     sel = select_shards([a, b, c, d], store, retry_failed=True)
     assert [s.shard_id for s in sel.pending] == ["b", "c", "d"] and sel.retried == 2
+    assert sel.earlier_failed_ids == [] and sel.earlier_failed_rows == 0
+    assert select_shards([a, b, d], store).earlier_failed_ids == []  # c no longer listed: not counted
     grown = ShardSpec("a", "files", ("u/a.jpg", "u/a2.jpg"))  # same id, a file was added
     sel = select_shards([grown, b, c, d], store)
     assert [s.shard_id for s in sel.pending] == ["a", "d"] and sel.changed == 1
@@ -107,3 +110,14 @@ def test_redactor_scrubs_options_env_userinfo_and_signed_urls():
     assert redact({"a": [text], "endpoint": "http://127.0.0.1:9"})["endpoint"] == "http://127.0.0.1:9"
     # only credential-like variables count, not settings or paths that merely share a word
     assert not {"/home/someone", "disabled", "/tmp/agent.sock"} & set(redact.secrets)
+
+
+def test_interrupted_runs_are_running_or_errored_runs_after_the_last_finished(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    for run_id, status in (("20261201T000000Z-a", "running"), ("20261202T000000Z-b", "ok"),
+                           ("20261203T000000Z-c", "error"), ("20261204T000000Z-d", "running")):
+        store.write_report(run_id, {"run_id": run_id, "status": status})
+    # newest first, stopping at the last run that finished (b); the errored run c counts
+    assert [r["run_id"] for r in store.interrupted_runs()] == ["20261204T000000Z-d", "20261203T000000Z-c"]
+    store.write_report("20261205T000000Z-e", {"run_id": "20261205T000000Z-e", "status": "some_shards_failed"})
+    assert store.interrupted_runs() == []

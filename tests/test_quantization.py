@@ -313,6 +313,15 @@ def test_detection_and_segmentation_gates_measure_and_refuse():
     assert moved.int8 == 0.0 and not moved.passed
     with pytest.raises(QualityGateError, match="int8 refused for frcnn.*box_map50.*fp32 or bf16"):
         enforce(moved, "frcnn")
+    class Unsure(Detector):  # a weak fp32 detector: nothing scores >= 0.5
+        def forward(self, images):
+            return [{**o, "scores": o["scores"] * 0.3} for o in super().forward(images)]
+
+    weak_same = evaluate_gate("detection", Unsure(0.0), Unsure(0.5), images)
+    assert weak_same.extra["pseudo_gt_score"] == pytest.approx(0.135) and weak_same.passed
+    assert weak_same.extra["pseudo_gt_boxes"] == 4
+    weak_moved = evaluate_gate("detection", Unsure(0.0), Unsure(25.0), images, max_drop=5.0)
+    assert weak_moved.fp32 == 100.0 and weak_moved.int8 == 0.0 and not weak_moved.passed
     targets = [{"boxes": boxes, "labels": torch.tensor([1, 2])}] * 2
     labelled = evaluate_gate("detection", Detector(0.0), Detector(0.0), [(images[0], targets)])
     assert labelled.reference == "labels" and labelled.metric == "box_map" and labelled.fp32 == 100.0

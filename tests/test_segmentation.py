@@ -7,6 +7,7 @@ dev environment); see its docstring for what a digest holds.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -453,3 +454,8 @@ def test_bundle_drops_the_training_only_aux_head(tmp_path):
     with torch.no_grad():
         out = model(torch.rand(1, 3, 64, 64))
     assert set(out) == {"out"} and out["out"].shape == (1, 3, 64, 64)
+    # int8 from the same float checkpoint: the aux head is neither calibrated nor run
+    int8 = build_model(dataclasses.replace(spec, precision="int8"))
+    assert int8.model.aux_classifier is None and int8.needs_calibration
+    with torch.no_grad():
+        assert set(int8(torch.rand(1, 3, 64, 64))) == {"out"}
