@@ -210,8 +210,10 @@ def start_ray(num_cpus: int | None, no_progress_timeout_s: float) -> tuple[bool,
 
     started = False
     if not ray.is_initialized():
+        from pipeline.ray_quiet import LOCAL_RUNTIME_ENV
+
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                 configure_logging=True, logging_level="WARNING")
+                 configure_logging=True, logging_level="WARNING", runtime_env=LOCAL_RUNTIME_ENV)
         started = True
     ctx = ray.data.DataContext.get_current()
     ctx.execution_no_progress_timeout_s = float(no_progress_timeout_s)
@@ -426,7 +428,7 @@ def _quantize(trained: dict[str, Any], d: DemoConfig, paths: dict[str, str], clo
                                   calibration_url=os.path.join(paths["data"], "train"), output_url=target,
                                   weights=uri, builder_kwargs=kwargs,
                                   calib_images=d.calib_images, holdout_images=d.holdout_images,
-                                  resize_size=resize)
+                                  resize_size=resize, labelled=True)
             try:
                 meta = quantize_to_artifact(req, log=lambda m: clock.say(m))
             except QualityGateError as e:

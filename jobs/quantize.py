@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", help="qconfig family: x86, fbgemm, qnnpack (default: the engine)")
     p.add_argument("--engine", help="quantized engine (default: x86 on x86-64, qnnpack on ARM)")
     p.add_argument("--resize-size", type=int, help="classification resize / segmentation shorter side")
+    p.add_argument("--labelled", action="store_true",
+                   help="gate against ground truth: --calibration is a COCO dataset (annotations.json + "
+                        "images or tar shards, as finetune reads) with the categories of --weights, a "
+                        "finetune export")
     p.set_defaults(func=run)
 
 
@@ -42,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
                           task=args.task, weights=args.weights, builder_kwargs=kwargs, backend=args.backend,
                           engine=args.engine, calib_images=args.calib_images,
                           holdout_images=args.holdout_images, max_drop=args.max_drop,
-                          resize_size=args.resize_size)
+                          resize_size=args.resize_size, labelled=args.labelled)
     try:
         meta = quantize_to_artifact(req)
     except QualityGateError as exc:

@@ -49,6 +49,10 @@ class QuantizeRequest:
     max_drop: float | None = None
     resize_size: int | None = None  # classification resize / segmentation shorter side
     storage_options: Mapping[str, Any] | None = None
+    # Gate against ground truth: calibration_url is a COCO dataset in the finetune layout
+    # (annotations.json + images/ or tar shards) and weights a finetune export (its sidecar
+    # names the labels), so the held-out images are scored against their annotations.
+    labelled: bool = False
 
 
 def load_images(url: str, limit: int, storage_options: Mapping[str, Any] | None = None,
@@ -89,10 +93,64 @@ def _preprocess(task: str, arrays: list[np.ndarray], weights: str | None,
     return [preset(t).unsqueeze(0) for t in tensors]
 
 
-def _batches(task: str, inputs: list[Any], size: int) -> Iterator[Any]:
+def load_labelled(req: QuantizeRequest, task: str, limit: int) -> tuple[list[np.ndarray], list[Any]]:
+    """Up to ``limit`` images of the COCO dataset at ``req.calibration_url`` and their ground truth
+    in the model's label ids: detection targets, HxW label maps, or class labels.
+
+    The dataset's categories must be the model's labels (the finetune sidecar's list, in order);
+    otherwise a score against them would measure a label mix-up, not int8.
+    """
+    from pipeline.training import data
+    from pipeline.training.export import read_sidecar
+
+    if not req.weights:
+        raise ValueError("a labelled gate needs --weights: a finetune export whose sidecar names its labels")
+    try:
+        side = read_sidecar(req.weights, req.storage_options)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"a labelled gate needs weights exported by mnv3-pipeline finetune (their JSON "
+                         f"sidecar names the labels); {req.weights!r}: {e}") from None
+    try:
+        source = data.load_source(req.calibration_url, req.storage_options)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"a labelled gate needs a COCO dataset at --calibration (annotations.json + images "
+                         f"or tar shards); {req.calibration_url!r}: {e}") from None
+    cats = data.CategoryMap.from_categories(source.categories, background=task != "classification")
+    if list(side.get("labels") or []) != cats.labels:
+        raise ValueError(f"the categories of {req.calibration_url} ({', '.join(cats.labels)}) are not the "
+                         f"labels of {req.weights} ({', '.join(side.get('labels') or [])}); gate against a "
+                         "dataset with the model's categories, or without labels")
+    indices = list(range(min(limit, len(source.images))))
+    raw = data.read_image_bytes(source, indices)
+    arrays, truth = [], []
+    for i in indices:
+        record = source.images[i]
+        arrays.append(data.decode_rgb(raw[int(record["id"])]))
+        if task == "detection":
+            truth.append(data.detection_target(record, cats))
+        elif task == "segmentation":
+            truth.append(data.semantic_mask(record, cats))
+        else:
+            truth.append(data.classification_label(record, cats, source))
+    return arrays, truth
+
+
+def _with_truth(task: str, x: Any, truth: list[Any]) -> tuple[Any, Any]:
+    """A gate batch (input, ground truth): label maps resized (nearest) to the model input's size."""
+    if task == "detection":
+        return x, truth
+    if task == "classification":
+        return x, torch.tensor(truth, dtype=torch.int64)
+    maps = [torch.from_numpy(np.ascontiguousarray(m))[None, None].float() for m in truth]
+    resized = [torch.nn.functional.interpolate(m, size=x.shape[-2:], mode="nearest") for m in maps]
+    return x, torch.cat(resized)[:, 0].long()
+
+
+def _batches(task: str, inputs: list[Any], size: int, truth: list[Any] | None = None) -> Iterator[Any]:
     for i in range(0, len(inputs), size):
         chunk = inputs[i:i + size]
-        yield chunk if task == "detection" else torch.cat(chunk)
+        x = chunk if task == "detection" else torch.cat(chunk)
+        yield x if truth is None else _with_truth(task, x, truth[i:i + size])
 
 
 def quantize_to_artifact(req: QuantizeRequest, log=print) -> dict[str, Any]:
@@ -105,7 +163,11 @@ def quantize_to_artifact(req: QuantizeRequest, log=print) -> dict[str, Any]:
     backend = req.backend or choose_engine(req.engine)
     engine = choose_engine(req.engine)
     t0 = time.perf_counter()
-    arrays = load_images(req.calibration_url, req.calib_images + req.holdout_images, req.storage_options)
+    truth: list[Any] | None = None
+    if req.labelled:
+        arrays, truth = load_labelled(req, task, req.calib_images + req.holdout_images)
+    else:
+        arrays = load_images(req.calibration_url, req.calib_images + req.holdout_images, req.storage_options)
     if len(arrays) < 2:
         raise ValueError(f"found {len(arrays)} readable images in {req.calibration_url}; need at least 2 "
                          "(calibration + held-out)")
@@ -121,7 +183,8 @@ def quantize_to_artifact(req: QuantizeRequest, log=print) -> dict[str, Any]:
     batch = 2 if task == "detection" else (8 if task == "classification" else 1)
     seen = calibrate(int8, _batches(task, cal_inputs, batch))
     convert(int8, engine)
-    gate = evaluate_gate(task, fp32, int8, _batches(task, held_inputs, batch), req.max_drop)
+    held_truth = truth[n_cal:] if truth is not None else None
+    gate = evaluate_gate(task, fp32, int8, _batches(task, held_inputs, batch, held_truth), req.max_drop)
     log(f"quantize: accuracy gate: {gate.summary()}")
     if gate.extra.get("pseudo_gt_boxes") == 0:
         log("quantize: warning: fp32 found no box at all on the held-out images, so the gate compared "
@@ -134,7 +197,8 @@ def quantize_to_artifact(req: QuantizeRequest, log=print) -> dict[str, Any]:
         "backend": backend, "engine": engine, "mode": "ptq",
         "source_weights": req.weights,
         "preprocessing": {"resize_size": req.resize_size},
-        "calibration": {"url": req.calibration_url, "images": seen, "holdout_images": gate.images},
+        "calibration": {"url": req.calibration_url, "images": seen, "holdout_images": gate.images,
+                        "labelled": req.labelled},
         "gate": gate.to_dict(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.perf_counter() - t0, 2),

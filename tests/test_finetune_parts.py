@@ -407,3 +407,24 @@ def test_precise_bn_skips_a_trailing_one_image_batch(shards):
     loop, model, local, cats, cfg, source = _bn_setup(shards, images=3, batch_size=1, precise_bn_images=3)
     assert loop._recompute_bn("detect", model, local, cats, cfg, source, None) == 1
     assert loop._recompute_bn("detect", model, local, cats, {**cfg, "qat": True}, source, None) == 0
+
+
+def test_ray_quiet_hook_silences_only_the_placement_group_cleaner(caplog):
+    """Local clusters run without a dashboard; Ray Train's cleaner then warns every second."""
+    import logging
+
+    from pipeline import ray_quiet
+
+    noisy = logging.getLogger(ray_quiet.NOISY_LOGGERS[0])
+    other = logging.getLogger("ray.train.v2._internal.execution.controller.controller")
+    before = noisy.level
+    try:
+        ray_quiet.worker_setup()
+        with caplog.at_level(logging.WARNING):
+            noisy.warning("Failed to query Ray Train Controller actor state.")
+            noisy.error("a real error")
+            other.warning("an ordinary warning")
+        assert [r.getMessage() for r in caplog.records] == ["a real error", "an ordinary warning"]
+    finally:
+        noisy.setLevel(before)
+    assert ray_quiet.LOCAL_RUNTIME_ENV["worker_process_setup_hook"] == "pipeline.ray_quiet.worker_setup"

@@ -473,3 +473,47 @@ def test_segmenter_int8_close_to_fp32_and_artifact_round_trip(builder, kwargs, m
     assert meta["task"] == "segmentation"
     with torch.no_grad():
         assert torch.equal(loaded(x)["out"], q["out"])
+
+
+def test_labelled_gate_scores_both_models_against_the_annotations(tmp_path):
+    """``labelled``: held-out images of a COCO dataset are scored against their ground truth, for
+    every task; a model whose labels are not the dataset's categories is refused up front."""
+    from pipeline.bundle import find_builder
+    from pipeline.int8_export import QuantizeRequest, quantize_to_artifact
+    from pipeline.synth import CATEGORIES, write_dataset
+    from pipeline.training.data import CategoryMap
+    from pipeline.training.export import export_model
+
+    data = tmp_path / "data"
+    write_dataset(str(data), images=4, shards=1, seed=2, min_size=64, max_size=96)
+    small = {"min_size": 96, "max_size": 128}
+    cases = (("detect", "fasterrcnn_mobilenet_v3_large_320_fpn", "box_map", small),
+             ("segment", "lraspp_mobilenet_v3_large", "miou", {}),
+             ("classify", "mobilenet_v3_small", "top1", {}))
+
+    def request(task, builder, kw, labels=None):
+        cats = CategoryMap.from_categories(CATEGORIES, background=task != "classify")
+        torch.manual_seed(0)
+        model = find_builder(builder)(num_classes=cats.num_classes, **kw)
+        weights, _ = export_model(str(tmp_path / task), task=task, builder=builder,
+                                  state_dict=model.state_dict(), labels=labels or cats.labels,
+                                  categories=cats.to_json(), params=kw, metrics={}, lineage={})
+        return QuantizeRequest(builder=builder, calibration_url=str(data),
+                               output_url=str(tmp_path / f"{task}.pt"), weights=weights,
+                               builder_kwargs={"num_classes": cats.num_classes, **kw},
+                               calib_images=2, holdout_images=2, max_drop=100.0, labelled=True,
+                               resize_size=None if task == "detect" else 64)
+
+    for task, builder, metric, kw in cases:
+        meta = quantize_to_artifact(request(task, builder, kw), log=lambda m: None)
+        gate = meta["gate"]
+        assert (gate["reference"], gate["metric"], gate["images"]) == ("labels", metric, 2), task
+        assert meta["calibration"]["labelled"] and 0.0 <= gate["fp32"] <= 100.0
+    swapped = ["star", "circle", "rectangle", "triangle", "ellipse"]  # same names, another order
+    mixed = request("classify", "mobilenet_v3_small", {}, labels=swapped)
+    with pytest.raises(ValueError, match="are not the labels of"):
+        quantize_to_artifact(mixed, log=lambda m: None)
+    plain = request("classify", "mobilenet_v3_small", {})
+    plain.weights = None
+    with pytest.raises(ValueError, match="needs --weights"):
+        quantize_to_artifact(plain, log=lambda m: None)

@@ -371,12 +371,13 @@ def train_loop(cfg: dict) -> None:
             step += 1
             if averager is not None:
                 averager.update(_unwrap(model))
-            losses.append(float(loss))
+            loss_value = float(loss.detach())
+            losses.append(loss_value)
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v
             if cfg.get("log_every") and rank == 0 and step % cfg["log_every"] == 0:
                 print(
-                    f"[finetune] epoch {epoch} step {step} loss {float(loss):.4f} "
+                    f"[finetune] epoch {epoch} step {step} loss {loss_value:.4f} "
                     f"lr {optimizer.param_groups[0]['lr']:.5f}",
                     flush=True,
                 )

@@ -157,7 +157,11 @@ def fit(
     output = settings["output"]
     name, continues = choose_run_name(output, task, resume, out_opts)
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, num_cpus=settings.get("ray_num_cpus"))
+        from pipeline.ray_quiet import LOCAL_RUNTIME_ENV
+
+        # A submitted job (RAY_ADDRESS set) keeps the runtime env it was submitted with.
+        local = None if os.environ.get("RAY_ADDRESS") else LOCAL_RUNTIME_ENV
+        ray.init(include_dashboard=False, num_cpus=settings.get("ray_num_cpus"), runtime_env=local)
     storage_path, storage_fs = ray_storage(output, out_opts)
     loop_cfg = {**settings, "storage_options": dict(storage_options or {}), **dict(test_hooks or {})}
     print(
