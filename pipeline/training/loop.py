@@ -401,7 +401,8 @@ def train_loop(cfg: dict) -> None:
         export_sd = export_kind = None
         if rank == 0:
             eval_model = averager.module if averager is not None else _unwrap(model)
-            _recompute_bn(task, eval_model, local, cats, cfg, train_src, preset)
+            if val_items or last:  # only validation and the export read the statistics
+                _recompute_bn(task, eval_model, local, cats, cfg, train_src, preset)
             if val_items:
                 metrics = _validate(task, eval_model, val_items, val_src, cats, cfg)
             best.offer(epoch, metrics.get(primary), eval_model.state_dict())
