@@ -428,3 +428,18 @@ def test_ray_quiet_hook_silences_only_the_placement_group_cleaner(caplog):
     finally:
         noisy.setLevel(before)
     assert ray_quiet.LOCAL_RUNTIME_ENV["worker_process_setup_hook"] == "pipeline.ray_quiet.worker_setup"
+
+
+def test_unset_lr_is_the_recipe_lr_scaled_to_the_total_batch():
+    from jobs import config as cfgmod
+    from jobs.finetune import FinetuneConfig, resolve_settings
+
+    def lr(**keys):
+        ft = cfgmod._build(FinetuneConfig, {"train": "t", "output": "o", **keys}, "finetune", None)
+        return resolve_settings(ft)["lr"]
+
+    assert lr(task="classify") == pytest.approx(0.064 * 32 / 1024)  # one worker, default batch 32
+    assert lr(task="classify", batch_size=64, workers=2) == pytest.approx(0.064 * 128 / 1024)
+    assert lr(task="detect") == pytest.approx(0.02 * 2 / 16)
+    assert lr(task="segment", workers=8) == pytest.approx(0.01)  # the recipe's own 8 x 4
+    assert lr(task="classify", lr=0.05) == 0.05  # a set lr is kept as given
