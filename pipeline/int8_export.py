@@ -120,7 +120,10 @@ def load_labelled(req: QuantizeRequest, task: str, limit: int) -> tuple[list[np.
         raise ValueError(f"the categories of {req.calibration_url} ({', '.join(cats.labels)}) are not the "
                          f"labels of {req.weights} ({', '.join(side.get('labels') or [])}); gate against a "
                          "dataset with the model's categories, or without labels")
-    indices = list(range(min(limit, len(source.images))))
+    indices = list(range(len(source.images)))
+    if task == "classification":  # an image without a class (no annotation, folder, ...) is skipped
+        indices = [i for i in indices if _has_class(source.images[i], cats, source)]
+    indices = indices[:limit]
     raw = data.read_image_bytes(source, indices)
     arrays, truth = [], []
     for i in indices:
@@ -133,6 +136,16 @@ def load_labelled(req: QuantizeRequest, task: str, limit: int) -> tuple[list[np.
         else:
             truth.append(data.classification_label(record, cats, source))
     return arrays, truth
+
+
+def _has_class(record: Mapping[str, Any], cats: Any, source: Any) -> bool:
+    from pipeline.training import data
+
+    try:
+        data.classification_label(record, cats, source)
+    except ValueError:
+        return False
+    return True
 
 
 def _with_truth(task: str, x: Any, truth: list[Any]) -> tuple[Any, Any]:

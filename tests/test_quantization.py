@@ -485,7 +485,11 @@ def test_labelled_gate_scores_both_models_against_the_annotations(tmp_path):
     from pipeline.training.export import export_model
 
     data = tmp_path / "data"
-    write_dataset(str(data), images=4, shards=1, seed=2, min_size=64, max_size=96)
+    write_dataset(str(data), images=5, shards=1, seed=2, min_size=64, max_size=96)
+    coco = json.loads((data / "annotations.json").read_text())
+    first = coco["images"][0]["id"]  # an image without shapes: no class, still a detection image
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != first]
+    (data / "annotations.json").write_text(json.dumps(coco))
     small = {"min_size": 96, "max_size": 128}
     cases = (("detect", "fasterrcnn_mobilenet_v3_large_320_fpn", "box_map", small),
              ("segment", "lraspp_mobilenet_v3_large", "miou", {}),
