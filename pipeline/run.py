@@ -355,7 +355,9 @@ def code_version() -> str:
 
 
 def new_run_id() -> str:
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    """UTC start time to the millisecond, then a random suffix: run ids sort in start order (the
+    next run finds the latest reports by name), also for runs that start in the same second."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%f")[:-3] + "Z-" + uuid.uuid4().hex[:6]
 
 
 def lineage(job: AnnotateJob, run_id: str, draft_size: int | None) -> dict[str, Any]:

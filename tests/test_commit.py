@@ -121,3 +121,17 @@ def test_interrupted_runs_are_running_or_errored_runs_after_the_last_finished(tm
     assert [r["run_id"] for r in store.interrupted_runs()] == ["20261204T000000Z-d", "20261203T000000Z-c"]
     store.write_report("20261205T000000Z-e", {"run_id": "20261205T000000Z-e", "status": "some_shards_failed"})
     assert store.interrupted_runs() == []
+
+
+def test_run_ids_sort_in_start_order_within_a_second():
+    import re
+    import time
+
+    from pipeline.run import new_run_id
+
+    ids = []
+    for _ in range(5):
+        ids.append(new_run_id())
+        time.sleep(0.002)
+    assert ids == sorted(ids) and len(set(ids)) == 5
+    assert re.fullmatch(r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{6}", ids[0])
