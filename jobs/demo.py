@@ -425,17 +425,12 @@ def _quantize(trained: dict[str, Any], d: DemoConfig, paths: dict[str, str], clo
         choice = {"keys": keys, "precision": "fp32", "builder": side["builder"],
                   "note": "fp32 low-res (int8 off)", "gate": None}
         if d.int8:
-            kwargs: dict[str, Any] = {"num_classes": int(side["num_classes"])}
-            params = side.get("params", {})
-            if task == "detect":
-                kwargs.update({k: params[k] for k in ("min_size", "max_size") if params.get(k)})
-            resize = params.get("resize_size") if task != "detect" else None
+            # classes, sizes and labels come from the export's sidecar; the artifact gets its own
             target = os.path.join(paths["models"], f"{side['builder']}-int8.pt")
             req = QuantizeRequest(builder=side["builder"],
                                   calibration_url=os.path.join(paths["data"], "train"), output_url=target,
-                                  weights=uri, builder_kwargs=kwargs,
-                                  calib_images=d.calib_images, holdout_images=d.holdout_images,
-                                  resize_size=resize, labelled=True)
+                                  weights=uri, calib_images=d.calib_images, holdout_images=d.holdout_images,
+                                  labelled=True)
             try:
                 meta = quantize_to_artifact(req, log=lambda m: clock.say(m))
             except QualityGateError as e:
@@ -445,8 +440,7 @@ def _quantize(trained: dict[str, Any], d: DemoConfig, paths: dict[str, str], clo
                 choice["note"] = "fp32 low-res (int8 gate refused)"
             else:
                 gate = meta["gate"]
-                keys = {**keys, f"tasks.{task}.weights": target, f"tasks.{task}.precision": "int8"}
-                keys.pop(f"tasks.{task}.sha256", None)
+                keys = export.config_overrides(export.read_sidecar(target), target)
                 choice.update(keys=keys, precision="int8", gate=gate,
                               note=f"int8 (gate: {gate['metric']} drop {gate['drop']:.2f} <= "
                                    f"{gate['max_drop']:.2f})")

@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--builder", required=True, help="e.g. mobilenet_v3_large, "
                    "fasterrcnn_mobilenet_v3_large_320_fpn, lraspp_mobilenet_v3_large")
     p.add_argument("--weights", help="fp32 weights: registry name or URI (local, s3://, https://)")
-    p.add_argument("--num-classes", type=int, help="classes of the weights (fine-tuned checkpoints)")
+    p.add_argument("--num-classes", type=int, help="classes of the weights (a finetune export's sidecar "
+                   "gives them, and its sizes)")
     p.add_argument("--calibration", required=True,
                    help="URL of images or tar shards (e.g. the synth dataset)")
     p.add_argument("--output", required=True, help="artifact URL to write (local path or s3://...)")
@@ -30,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", help="qconfig family: x86, fbgemm, qnnpack (default: the engine)")
     p.add_argument("--engine", help="quantized engine (default: x86 on x86-64, qnnpack on ARM)")
     p.add_argument("--resize-size", type=int, help="classification resize / segmentation shorter side")
+    p.add_argument("--crop-size", type=int, help="classification centre crop")
     p.add_argument("--labelled", action="store_true",
                    help="gate against ground truth: --calibration is a COCO dataset (annotations.json + "
                         "images or tar shards, as finetune reads) with the categories of --weights, a "
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
                           task=args.task, weights=args.weights, builder_kwargs=kwargs, backend=args.backend,
                           engine=args.engine, calib_images=args.calib_images,
                           holdout_images=args.holdout_images, max_drop=args.max_drop,
-                          resize_size=args.resize_size, labelled=args.labelled)
+                          resize_size=args.resize_size, crop_size=args.crop_size, labelled=args.labelled)
     try:
         meta = quantize_to_artifact(req)
     except QualityGateError as exc:

@@ -10,6 +10,7 @@ writes the artifact atomically. The artifact metadata records what was done.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import time
 from collections.abc import Iterator, Mapping
@@ -48,6 +49,7 @@ class QuantizeRequest:
     holdout_images: int = 32
     max_drop: float | None = None
     resize_size: int | None = None  # classification resize / segmentation shorter side
+    crop_size: int | None = None  # classification centre crop
     storage_options: Mapping[str, Any] | None = None
     # Gate against ground truth: calibration_url is a COCO dataset in the finetune layout
     # (annotations.json + images/ or tar shards) and weights a finetune export (its sidecar
@@ -73,7 +75,7 @@ def load_images(url: str, limit: int, storage_options: Mapping[str, Any] | None 
 
 
 def _preprocess(task: str, arrays: list[np.ndarray], weights: str | None,
-                resize_size: int | None) -> list[Any]:
+                resize_size: int | None, crop_size: int | None = None) -> list[Any]:
     """One model input per image: NCHW (1 image) for classification/segmentation, CHW for detection."""
     tensors = [transforms.to_tensor(a) for a in arrays]
     if task == "detection":
@@ -88,9 +90,37 @@ def _preprocess(task: str, arrays: list[np.ndarray], weights: str | None,
         entry = find_weights(weights)
         if entry is not None and entry.preprocessing.preset == "classification":
             preset = entry.preprocessing.make()
-    if resize_size:
-        preset = transforms.ClassificationPreset(crop_size=preset.crop_size, resize_size=resize_size)
+    if resize_size or crop_size:
+        preset = transforms.ClassificationPreset(crop_size=crop_size or preset.crop_size,
+                                                 resize_size=resize_size or preset.resize_size)
     return [preset(t).unsqueeze(0) for t in tensors]
+
+
+def finetune_sidecar(req: QuantizeRequest) -> dict[str, Any] | None:
+    """The finetune export sidecar of ``req.weights``, or None (registry names, plain files)."""
+    from pipeline.training.export import read_sidecar
+
+    if not req.weights or not req.weights.endswith((".pth", ".pt")):
+        return None
+    try:
+        return read_sidecar(req.weights, req.storage_options)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def with_sidecar_settings(req: QuantizeRequest, side: Mapping[str, Any]) -> QuantizeRequest:
+    """``req`` with what the export's sidecar says (classes, detector sizes, resize and crop) where
+    ``req`` leaves it unset: the model is calibrated and gated at the sizes it was trained for."""
+    from pipeline.training.export import builder_kwargs
+
+    if side.get("builder") != req.builder:
+        raise ValueError(f"--weights {req.weights} is a fine-tuned {side.get('builder')}, not {req.builder}; "
+                         "set --builder to match")
+    params = side.get("params", {})
+    return dataclasses.replace(
+        req, builder_kwargs={**builder_kwargs(side), **req.builder_kwargs},
+        resize_size=req.resize_size or params.get("resize_size"),
+        crop_size=req.crop_size or params.get("crop_size"))
 
 
 def load_labelled(req: QuantizeRequest, task: str, limit: int) -> tuple[list[np.ndarray], list[Any]]:
@@ -176,6 +206,9 @@ def quantize_to_artifact(req: QuantizeRequest, log=print) -> dict[str, Any]:
     backend = req.backend or choose_engine(req.engine)
     engine = choose_engine(req.engine)
     t0 = time.perf_counter()
+    side = finetune_sidecar(req)
+    if side is not None:
+        req = with_sidecar_settings(req, side)
     truth: list[Any] | None = None
     if req.labelled:
         arrays, truth = load_labelled(req, task, req.calib_images + req.holdout_images)
@@ -186,7 +219,7 @@ def quantize_to_artifact(req: QuantizeRequest, log=print) -> dict[str, Any]:
                          "(calibration + held-out)")
     n_cal = min(req.calib_images, max(1, len(arrays) // 2)) if len(arrays) < req.calib_images + \
         req.holdout_images else req.calib_images
-    inputs = _preprocess(task, arrays, req.weights, req.resize_size)
+    inputs = _preprocess(task, arrays, req.weights, req.resize_size, req.crop_size)
     cal_inputs, held_inputs = inputs[:n_cal], inputs[n_cal:]
     log(f"quantize: {len(arrays)} images from {req.calibration_url} -> {len(cal_inputs)} calibration, "
         f"{len(held_inputs)} held-out")
@@ -209,7 +242,7 @@ def quantize_to_artifact(req: QuantizeRequest, log=print) -> dict[str, Any]:
         "task": task, "builder": req.builder, "builder_kwargs": dict(req.builder_kwargs),
         "backend": backend, "engine": engine, "mode": "ptq",
         "source_weights": req.weights,
-        "preprocessing": {"resize_size": req.resize_size},
+        "preprocessing": {"resize_size": req.resize_size, "crop_size": req.crop_size},
         "calibration": {"url": req.calibration_url, "images": seen, "holdout_images": gate.images,
                         "labelled": req.labelled},
         "gate": gate.to_dict(),
@@ -222,4 +255,12 @@ def quantize_to_artifact(req: QuantizeRequest, log=print) -> dict[str, Any]:
     fs, path = open_fs(req.output_url, req.storage_options)
     write_bytes_atomic(fs, path, buf.getvalue())
     log(f"quantize: wrote {req.output_url} ({len(buf.getvalue()) / 1e6:.1f} MB)")
+    if side is not None and req.output_url.endswith((".pt", ".pth")):
+        from pipeline.training.export import int8_sidecar, write_sidecar
+
+        quantization = {k: metadata[k] for k in ("backend", "engine", "mode", "calibration", "gate")}
+        uri = write_sidecar(req.output_url, int8_sidecar(side, req.output_url, buf.getvalue(), quantization),
+                            req.storage_options)
+        metadata["sidecar"] = uri
+        log(f"quantize: wrote {uri}: annotate needs only tasks.{side['task']}.weights: {req.output_url}")
     return metadata

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -482,7 +483,7 @@ def test_labelled_gate_scores_both_models_against_the_annotations(tmp_path):
     from pipeline.int8_export import QuantizeRequest, quantize_to_artifact
     from pipeline.synth import CATEGORIES, write_dataset
     from pipeline.training.data import CategoryMap
-    from pipeline.training.export import export_model
+    from pipeline.training.export import config_overrides, export_model, read_sidecar
 
     data = tmp_path / "data"
     write_dataset(str(data), images=5, shards=1, seed=2, min_size=64, max_size=96)
@@ -492,27 +493,40 @@ def test_labelled_gate_scores_both_models_against_the_annotations(tmp_path):
     (data / "annotations.json").write_text(json.dumps(coco))
     small = {"min_size": 96, "max_size": 128}
     cases = (("detect", "fasterrcnn_mobilenet_v3_large_320_fpn", "box_map", small),
-             ("segment", "lraspp_mobilenet_v3_large", "miou", {}),
-             ("classify", "mobilenet_v3_small", "top1", {}))
+             ("segment", "lraspp_mobilenet_v3_large", "miou", {"resize_size": 64}),
+             ("classify", "mobilenet_v3_small", "top1", {"resize_size": 64, "crop_size": 56}))
 
-    def request(task, builder, kw, labels=None):
+    def request(task, builder, params, labels=None):
         cats = CategoryMap.from_categories(CATEGORIES, background=task != "classify")
         torch.manual_seed(0)
-        model = find_builder(builder)(num_classes=cats.num_classes, **kw)
+        sizes = {k: v for k, v in params.items() if task == "detect"}
+        model = find_builder(builder)(num_classes=cats.num_classes, **sizes)
         weights, _ = export_model(str(tmp_path / task), task=task, builder=builder,
                                   state_dict=model.state_dict(), labels=labels or cats.labels,
-                                  categories=cats.to_json(), params=kw, metrics={}, lineage={})
+                                  categories=cats.to_json(), params=params, metrics={}, lineage={})
+        # classes, sizes and labels come from the export's sidecar
         return QuantizeRequest(builder=builder, calibration_url=str(data),
                                output_url=str(tmp_path / f"{task}.pt"), weights=weights,
-                               builder_kwargs={"num_classes": cats.num_classes, **kw},
-                               calib_images=2, holdout_images=2, max_drop=100.0, labelled=True,
-                               resize_size=None if task == "detect" else 64)
+                               calib_images=2, holdout_images=2, max_drop=100.0, labelled=True)
 
-    for task, builder, metric, kw in cases:
-        meta = quantize_to_artifact(request(task, builder, kw), log=lambda m: None)
+    for task, builder, metric, params in cases:
+        meta = quantize_to_artifact(request(task, builder, params), log=lambda m: None)
         gate = meta["gate"]
         assert (gate["reference"], gate["metric"], gate["images"]) == ("labels", metric, 2), task
         assert meta["calibration"]["labelled"] and 0.0 <= gate["fp32"] <= 100.0
+        assert meta["builder_kwargs"]["num_classes"] == (6 if task != "classify" else 5)
+        if task == "detect":
+            assert meta["builder_kwargs"]["min_size"] == 96
+        else:
+            assert meta["preprocessing"]["resize_size"] == 64
+        # the artifact's own sidecar: annotate runs it from tasks.<task>.weights alone
+        artifact = tmp_path / f"{task}.pt"
+        side = read_sidecar(str(artifact))
+        assert side["precision"] == "int8" and side["weights"] == artifact.name
+        assert side["sha256"] == hashlib.sha256(artifact.read_bytes()).hexdigest()
+        keys = config_overrides(side, str(artifact))
+        assert keys[f"tasks.{task}.precision"] == "int8" and keys[f"tasks.{task}.weights"] == str(artifact)
+        assert keys[f"tasks.{task}.labels"] == side["labels"] and side["quantization"]["gate"] == gate
     swapped = ["star", "circle", "rectangle", "triangle", "ellipse"]  # same names, another order
     mixed = request("classify", "mobilenet_v3_small", {}, labels=swapped)
     with pytest.raises(ValueError, match="are not the labels of"):

@@ -116,11 +116,41 @@ def export_model(
             "num_keys": len(sd),
         },
     }
-    side = sidecar_uri(weights_uri)
-    storage.write_bytes_atomic(
-        fs, sidecar_uri(storage.join(root, name)), json.dumps(sidecar, indent=2, default=str).encode()
-    )
-    return weights_uri, side
+    return weights_uri, write_sidecar(weights_uri, sidecar, storage_options)
+
+
+def write_sidecar(weights_uri: str, sidecar: Mapping[str, Any],
+                  storage_options: Mapping[str, Any] | None = None) -> str:
+    """Write ``sidecar`` beside ``weights_uri`` (``.json`` in place of ``.pth``/``.pt``); returns its URI."""
+    uri = sidecar_uri(weights_uri)
+    fs, path = storage.open_fs(uri, storage_options)
+    storage.write_bytes_atomic(fs, path, json.dumps(sidecar, indent=2, default=str).encode())
+    return uri
+
+
+def int8_sidecar(source: Mapping[str, Any], artifact_uri: str, artifact: bytes,
+                 quantization: Mapping[str, Any]) -> dict[str, Any]:
+    """The sidecar of an int8 artifact made from a fine-tuned export: the source's labels, sizes and
+    metrics, with the artifact's own name, hash and ``precision: int8``, so ``annotate`` runs
+    it from ``tasks.<task>.weights`` alone."""
+    return {
+        **source,
+        "weights": posixpath.basename(artifact_uri),
+        "sha256": hashlib.sha256(artifact).hexdigest(),
+        "precision": "int8",
+        "quantization": dict(quantization),
+        "lineage": {**source.get("lineage", {}), "quantized_from": source.get("weights"),
+                    "quantized_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")},
+    }
+
+
+def builder_kwargs(sidecar: Mapping[str, Any]) -> dict[str, Any]:
+    """Builder arguments that rebuild an exported model as it was trained (classes, detector sizes)."""
+    kwargs: dict[str, Any] = {"num_classes": int(sidecar["num_classes"])}
+    if sidecar["task"] == "detect":
+        params = sidecar.get("params", {})
+        kwargs.update({k: params[k] for k in ("min_size", "max_size") if params.get(k)})
+    return kwargs
 
 
 def read_sidecar(weights_uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
