@@ -278,5 +278,5 @@ def run(args: argparse.Namespace) -> int:
     if earlier_images:
         print(f"[annotate] note: {earlier_images} image(s) in already committed shards failed in earlier "
               "runs (rows with status != ok); --retry-failed redoes their shards", file=sys.stderr)
-    failed = report["shards"]["failed"] or report["images"]["failed"] or earlier
+    failed = shards["failed"] or report["images"]["failed"] or earlier
     return EXIT_FAILURES if failed else EXIT_OK

@@ -123,7 +123,8 @@ def with_sidecar_settings(req: QuantizeRequest, side: Mapping[str, Any]) -> Quan
         crop_size=req.crop_size or params.get("crop_size"))
 
 
-def load_labelled(req: QuantizeRequest, task: str, limit: int) -> tuple[list[np.ndarray], list[Any]]:
+def load_labelled(req: QuantizeRequest, task: str, limit: int,
+                  side: Mapping[str, Any] | None) -> tuple[list[np.ndarray], list[Any]]:
     """Up to ``limit`` images of the COCO dataset at ``req.calibration_url`` and their ground truth
     in the model's label ids: detection targets, HxW label maps, or class labels.
 
@@ -131,15 +132,12 @@ def load_labelled(req: QuantizeRequest, task: str, limit: int) -> tuple[list[np.
     otherwise a score against them would measure a label mix-up, not int8.
     """
     from pipeline.training import data
-    from pipeline.training.export import read_sidecar
 
     if not req.weights:
         raise ValueError("a labelled gate needs --weights: a finetune export whose sidecar names its labels")
-    try:
-        side = read_sidecar(req.weights, req.storage_options)
-    except (FileNotFoundError, ValueError) as e:
+    if side is None:
         raise ValueError(f"a labelled gate needs weights exported by mnv3-pipeline finetune (their JSON "
-                         f"sidecar names the labels); {req.weights!r}: {e}") from None
+                         f"sidecar names the labels); {req.weights!r} has no finetune sidecar")
     try:
         source = data.load_source(req.calibration_url, req.storage_options)
     except (FileNotFoundError, ValueError) as e:
@@ -150,32 +148,22 @@ def load_labelled(req: QuantizeRequest, task: str, limit: int) -> tuple[list[np.
         raise ValueError(f"the categories of {req.calibration_url} ({', '.join(cats.labels)}) are not the "
                          f"labels of {req.weights} ({', '.join(side.get('labels') or [])}); gate against a "
                          "dataset with the model's categories, or without labels")
-    indices = list(range(len(source.images)))
-    if task == "classification":  # an image without a class (no annotation, folder, ...) is skipped
-        indices = [i for i in indices if _has_class(source.images[i], cats, source)]
-    indices = indices[:limit]
-    raw = data.read_image_bytes(source, indices)
-    arrays, truth = [], []
-    for i in indices:
-        record = source.images[i]
-        arrays.append(data.decode_rgb(raw[int(record["id"])]))
+    picked: list[tuple[int, Any]] = []
+    for i, record in enumerate(source.images):
+        if len(picked) >= limit:
+            break
         if task == "detection":
-            truth.append(data.detection_target(record, cats))
+            picked.append((i, data.detection_target(record, cats)))
         elif task == "segmentation":
-            truth.append(data.semantic_mask(record, cats))
+            picked.append((i, data.semantic_mask(record, cats)))
         else:
-            truth.append(data.classification_label(record, cats, source))
-    return arrays, truth
-
-
-def _has_class(record: Mapping[str, Any], cats: Any, source: Any) -> bool:
-    from pipeline.training import data
-
-    try:
-        data.classification_label(record, cats, source)
-    except ValueError:
-        return False
-    return True
+            try:
+                picked.append((i, data.classification_label(record, cats, source)))
+            except ValueError:  # an image without a class (no annotation, folder, ...) is skipped
+                continue
+    raw = data.read_image_bytes(source, [i for i, _ in picked])
+    arrays = [data.decode_rgb(raw[int(source.images[i]["id"])]) for i, _ in picked]
+    return arrays, [t for _, t in picked]
 
 
 def _with_truth(task: str, x: Any, truth: list[Any]) -> tuple[Any, Any]:
@@ -211,7 +199,7 @@ def quantize_to_artifact(req: QuantizeRequest, log=print) -> dict[str, Any]:
         req = with_sidecar_settings(req, side)
     truth: list[Any] | None = None
     if req.labelled:
-        arrays, truth = load_labelled(req, task, req.calib_images + req.holdout_images)
+        arrays, truth = load_labelled(req, task, req.calib_images + req.holdout_images, side)
     else:
         arrays = load_images(req.calibration_url, req.calib_images + req.holdout_images, req.storage_options)
     if len(arrays) < 2:

@@ -532,6 +532,11 @@ def test_labelled_gate_scores_both_models_against_the_annotations(tmp_path):
     with pytest.raises(ValueError, match="are not the labels of"):
         quantize_to_artifact(mixed, log=lambda m: None)
     plain = request("classify", "mobilenet_v3_small", {})
+    bare = tmp_path / "bare.pth"  # a weights file without a finetune sidecar
+    bare.write_bytes(Path(plain.weights).read_bytes())
+    plain.weights = str(bare)
+    with pytest.raises(ValueError, match="has no finetune sidecar"):
+        quantize_to_artifact(plain, log=lambda m: None)
     plain.weights = None
     with pytest.raises(ValueError, match="needs --weights"):
         quantize_to_artifact(plain, log=lambda m: None)
