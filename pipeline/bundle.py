@@ -276,14 +276,11 @@ def _use_quant_engine(specs: Sequence[TaskSpec]) -> None:
     post-training calibration) picks it up; a config key travels with the job to every node,
     where an environment variable of the driver would not.
     """
-    engines = {s.quant_engine for s in specs if s.quant_engine}
-    if len(engines) > 1:
-        raise ValueError(f"one quantized engine per actor, got {sorted(engines)}")
-    if not engines:
+    engine = next((s.quant_engine for s in specs if s.quant_engine), None)  # one actors.* key for all
+    if engine is None:
         return
     from mnv3.quantization.engine import ENGINE_ENV, set_engine
 
-    engine = engines.pop()
     try:
         set_engine(engine)
     except ValueError as e:

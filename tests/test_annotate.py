@@ -306,6 +306,11 @@ def test_quant_engine_key_reaches_the_actor_and_the_lineage(monkeypatch):
         InferenceBundle([TaskSpec(task="classify", builder="mobilenet_v3_small", precision="int8",
                                   num_classes=3, quant_engine="qnnpack")])
         assert torch.backends.quantized.engine == "qnnpack" and os.environ[ENGINE_ENV] == "qnnpack"
+        # a node whose torch lacks the engine: the actor fails naming the key, before any model is built
+        monkeypatch.setattr("mnv3.quantization.engine.supported_engines", lambda: ["x86"])
+        with pytest.raises(ValueError, match="actors.quant_engine 'qnnpack' cannot be used on this node"):
+            InferenceBundle([TaskSpec(task="classify", builder="mobilenet_v3_small", precision="int8",
+                                      num_classes=3, quant_engine="qnnpack")])
     finally:
         torch.backends.quantized.engine = before
         os.environ.pop(ENGINE_ENV, None)
